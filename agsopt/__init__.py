@@ -1,0 +1,48 @@
+"""agsopt: anisotropic Gaussian smoothing and sharpness-aware optimizers for Optax.
+
+Smoothing (arXiv:2411.11747): :func:`ags` and the aliases ``ags_gd``, ``ags_sgd``,
+``ags_adam`` with their isotropic baselines ``igs_*``; the estimator lives in
+:mod:`agsopt.estimator`, the smoothing matrices in :mod:`agsopt.covariance` and the rules
+that adapt them in :mod:`agsopt.covariance_rules`.
+
+Sharpness-aware minimization: :func:`sam` (and ASAM with ``adaptive=True``).
+"""
+
+from agsopt import covariance, covariance_rules, estimator, tree_utils
+from agsopt.ags import (
+    AGSState,
+    ags,
+    ags_adam,
+    ags_gd,
+    ags_sgd,
+    igs_adam,
+    igs_gd,
+    igs_sgd,
+)
+from agsopt.covariance_rules import CovarianceRule
+from agsopt.estimator import SmoothedEstimate, smoothed_grad, smoothed_value_and_grad
+from agsopt.sam import SAMState, sam, sam_perturbation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGSState",
+    "CovarianceRule",
+    "SAMState",
+    "SmoothedEstimate",
+    "ags",
+    "ags_adam",
+    "ags_gd",
+    "ags_sgd",
+    "covariance",
+    "covariance_rules",
+    "estimator",
+    "igs_adam",
+    "igs_gd",
+    "igs_sgd",
+    "sam",
+    "sam_perturbation",
+    "smoothed_grad",
+    "smoothed_value_and_grad",
+    "tree_utils",
+]

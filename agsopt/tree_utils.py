@@ -1,0 +1,97 @@
+"""Pytree arithmetic used across agsopt.
+
+Every "vector" in this library is a pytree: inner products and norms run over all
+leaves. Reductions are accumulated in float32 (or wider, if the leaves are wider) so
+that bf16/f16 parameters neither underflow nor lose the norm, and results are cast back
+to the leaves' dtypes where a pytree is returned.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype reductions over leaves of ``dtype`` are carried out in (≥ float32)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """``Σ_leaves Σ_i a_i b_i``, accumulated in at least float32."""
+    parts = [
+        jnp.sum(x.astype(accumulation_dtype(x.dtype)) * y.astype(accumulation_dtype(y.dtype)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+    return sum(parts, jnp.zeros((), jnp.float32))
+
+
+def tree_norm(tree: PyTree) -> jax.Array:
+    """Euclidean norm over every leaf, ``sqrt(tree_vdot(tree, tree))``."""
+    return jnp.sqrt(tree_vdot(tree, tree))
+
+
+def tree_scale(scalar: jax.Array, tree: PyTree) -> PyTree:
+    """``scalar · tree``, computed in float32 and cast back to each leaf's dtype."""
+    return jax.tree.map(
+        lambda x: (scalar * x.astype(accumulation_dtype(x.dtype))).astype(x.dtype), tree
+    )
+
+
+def tree_add_scaled(a: PyTree, scalar: jax.Array, b: PyTree) -> PyTree:
+    """``a + scalar · b`` leafwise, in float32, cast back to the dtypes of ``a``."""
+    return jax.tree.map(
+        lambda x, y: (
+            x.astype(accumulation_dtype(x.dtype)) + scalar * y.astype(accumulation_dtype(y.dtype))
+        ).astype(x.dtype),
+        a,
+        b,
+    )
+
+
+def tree_normalize(tree: PyTree, eps: float = 1e-12) -> PyTree:
+    """``tree / (‖tree‖ + eps)``: a unit pytree, or (nearly) zero for a zero tree."""
+    return tree_scale(1.0 / (tree_norm(tree) + eps), tree)
+
+
+def tree_random_normal(key: jax.Array, like: PyTree, dtype: Any = jnp.float32) -> PyTree:
+    """Independent standard normal draws shaped like ``like`` (one fresh subkey per leaf)."""
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    draws = [jax.random.normal(k, jnp.shape(x), dtype) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, draws)
+
+
+def tree_size(tree: PyTree) -> int:
+    """Total number of scalar entries over all leaves (static)."""
+    return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """A boolean scalar: are all entries of every leaf finite?"""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def as_key(key: int | jax.Array) -> jax.Array:
+    """Accept an int seed (also a 0-d integer array), a typed key or a raw ``uint32`` key."""
+    if isinstance(key, bool):
+        raise TypeError("key must be an int seed or a JAX PRNG key, got bool")
+    if isinstance(key, numbers.Integral):
+        return jax.random.key(int(key))
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None:
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            return key
+        if dtype == jnp.uint32 and jnp.shape(key)[-1:] == (2,):
+            return jax.random.wrap_key_data(key)
+        if jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0:
+            return jax.random.key(key)  # e.g. a seed turned into an array by inject_hyperparams
+    raise TypeError(
+        f"key must be an int seed or a JAX PRNG key, got {type(key).__name__} {dtype or ''}"
+    )

@@ -1,0 +1,76 @@
+"""Argument checks shared by the constructors: clear errors that name the argument.
+
+Checks run on concrete values only. Under ``optax.inject_hyperparams`` the constructors are
+re-called with traced arrays inside ``update``; those cannot be inspected and are skipped.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+    """True for Python numbers and concrete arrays, False for tracers and callables."""
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return False
+    try:
+        np.asarray(value)
+    except Exception:  # noqa: BLE001 - anything that is not array-like is not concrete
+        return False
+    return True
+
+
+def _concrete_leaves(value: Any) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(value) if is_concrete(x)]
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Every concrete entry of ``value`` (a number, array or pytree) is > 0 (or ≥ 0)."""
+    for leaf in _concrete_leaves(value):
+        if not np.issubdtype(leaf.dtype, np.number) or np.iscomplexobj(leaf):
+            raise TypeError(f"{name} must be a real number, got dtype {leaf.dtype}")
+        bad = ~np.isfinite(leaf) | ((leaf < 0) if allow_zero else (leaf <= 0))
+        if np.any(bad):
+            bound = "non-negative" if allow_zero else "positive"
+            first_bad = leaf.ravel()[bad.ravel()][0]
+            raise ValueError(f"{name} must be finite and {bound}, got {first_bad}")
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    """``value`` is a Python/NumPy integer ≥ ``minimum``; returns it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """A concrete ``value`` lies in the half-open interval (0, 1]."""
+    for leaf in _concrete_leaves(value):
+        if not np.all((leaf > 0) & (leaf <= 1)):
+            raise ValueError(f"{name} must lie in (0, 1], got {leaf}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` is one of the strings in ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
+    return value
+
+
+def require_value_fn(value_fn: Callable[..., Any] | None, owner: str) -> Callable[..., Any]:
+    """The loss must reach ``update`` as the keyword extra argument ``value_fn``."""
+    if value_fn is None:
+        raise TypeError(
+            f"{owner}: update() needs the loss as the keyword argument "
+            "value_fn=lambda params: loss(params, batch) (the Optax extra-args convention)"
+        )
+    if not callable(value_fn):
+        raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}")
+    return value_fn
