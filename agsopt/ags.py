@@ -65,6 +65,7 @@ def ags(
     method: str = "antithetic",
     orthogonal: bool = False,
     chunk_size: int | None = None,
+    sample_sharding: jax.sharding.Sharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Replace the gradient by a Monte Carlo estimate of the smoothed gradient ∇f_Σ.
 
@@ -89,6 +90,8 @@ def ags(
       method: ``"antithetic"``, ``"forward"``, ``"plain"`` or ``"first_order"``.
       orthogonal: orthogonal sample directions within blocks (variance reduction).
       chunk_size: samples per vectorized evaluation; bounds memory for large N.
+      sample_sharding: shard the Monte Carlo sample axis over devices (see
+        :func:`agsopt.estimator.smoothed_value_and_grad`).
 
     Non-finite losses at some samples are left out and counted in ``num_nonfinite``; a step
     at which no sample is finite returns a zero update and leaves the covariance rule's
@@ -130,6 +133,7 @@ def ags(
             method=method,
             orthogonal=orthogonal,
             chunk_size=chunk_size,
+            sample_sharding=sample_sharding,
         )
         any_finite = estimate.num_nonfinite < num_samples
         candidate = rule.update(state.rule_state, estimate.grad)

@@ -161,6 +161,7 @@ def smoothed_value_and_grad(
     method: str = "antithetic",
     orthogonal: bool = False,
     chunk_size: int | None = None,
+    sample_sharding: jax.sharding.Sharding | None = None,
 ) -> SmoothedEstimate:
     """Estimate ``f_Σ(params)`` and ``∇f_Σ(params)`` by Monte Carlo (see the module doc).
 
@@ -175,6 +176,11 @@ def smoothed_value_and_grad(
       orthogonal: draw orthogonal directions within blocks of ``min(d, chunk)`` samples.
       chunk_size: samples evaluated per ``vmap`` call (default: all at once). Memory is
         O(chunk_size · d); the last chunk holds the remainder, so no evaluation is wasted.
+      sample_sharding: spread each chunk's samples over devices, e.g.
+        ``NamedSharding(Mesh(jax.devices(), ("s",)), PartitionSpec("s"))``: the directions'
+        leading (sample) axis is constrained to it and XLA partitions the evaluations and
+        reduces the sums across devices. The random numbers do not depend on it, so the
+        estimate equals the single-device one up to float summation order.
 
     Returns:
       A :class:`SmoothedEstimate`.
@@ -196,6 +202,8 @@ def smoothed_value_and_grad(
 
     def sums_from(start, count):
         directions = draw(key, params, start, count)
+        if sample_sharding is not None:
+            directions = jax.lax.with_sharding_constraint(directions, sample_sharding)
         return _chunk_sums(fun, params, matrix, directions, method, base_value)
 
     num_full, rest = divmod(num_samples, chunk)
