@@ -5,7 +5,8 @@ Smoothing (arXiv:2411.11747): :func:`ags` and the aliases ``ags_gd``, ``ags_sgd`
 :mod:`agsopt.estimator`, the smoothing matrices in :mod:`agsopt.covariance` and the rules
 that adapt them in :mod:`agsopt.covariance_rules`.
 
-Sharpness-aware minimization: :func:`sam` (and ASAM with ``adaptive=True``).
+Sharpness-aware minimization: :func:`sam` (and ASAM with ``adaptive=True``), Bilateral SAM
+:func:`bsam`.
 """
 
 from agsopt import covariance, covariance_rules, estimator, tree_utils
@@ -19,6 +20,7 @@ from agsopt.ags import (
     igs_gd,
     igs_sgd,
 )
+from agsopt.bsam import BSAMState, bsam, bsam_rho_min_schedule
 from agsopt.covariance_rules import CovarianceRule
 from agsopt.estimator import SmoothedEstimate, smoothed_grad, smoothed_value_and_grad
 from agsopt.sam import SAMState, sam, sam_perturbation
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGSState",
+    "BSAMState",
     "CovarianceRule",
     "SAMState",
     "SmoothedEstimate",
@@ -34,6 +37,8 @@ __all__ = [
     "ags_adam",
     "ags_gd",
     "ags_sgd",
+    "bsam",
+    "bsam_rho_min_schedule",
     "covariance",
     "covariance_rules",
     "estimator",

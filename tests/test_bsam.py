@@ -1,0 +1,357 @@
+"""Tests for agsopt.bsam (Bilateral SAM, arXiv:2409.13173)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from agsopt.bsam import BSAMState, bsam, bsam_rho_min_schedule
+
+# ---------------------------------------------------------------------------------------
+# Non-quadratic test problem with a hand-written float64 gradient:
+#   L(w) = Σ_leaves Σ_i [ c_leaf/4 · (w_i − 1)⁴ + ½ w_i² ],  ∇L_i = c_leaf (w_i − 1)³ + w_i
+# ---------------------------------------------------------------------------------------
+COEF = {"b": 2.0, "w": 0.5}
+
+
+def quartic_loss(params):
+    total = jnp.zeros((), jnp.float32)
+    for name, c in COEF.items():
+        x = params[name].astype(jnp.float32)
+        total = total + jnp.sum(c / 4 * (x - 1) ** 4 + 0.5 * x**2)
+    return total
+
+
+def quartic_grad_np(params):
+    return {k: COEF[k] * (np.asarray(v, np.float64) - 1) ** 3 + v for k, v in params.items()}
+
+
+def np_norm(tree):
+    return np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in tree.values()))
+
+
+def make_params(dtype=jnp.float32):
+    return {
+        "b": jnp.asarray([[0.3, -0.7], [1.5, 0.1]], dtype),
+        "w": jnp.asarray([0.2, -1.1, 2.0], dtype),
+    }
+
+
+def to_np(tree):
+    return {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+
+def bsam_formula_np(w, rho_max, rho_min):
+    """d = g_max + g − ‖g_max‖/‖g_min‖ · g_min, written out in float64."""
+    g = quartic_grad_np(w)
+    gn = np_norm(g)
+    g_max = quartic_grad_np({k: w[k] + rho_max * g[k] / gn for k in w})
+    g_min = quartic_grad_np({k: w[k] - rho_min * g[k] / gn for k in w})
+    ratio = np_norm(g_max) / np_norm(g_min)
+    return {k: g_max[k] + g[k] - ratio * g_min[k] for k in w}
+
+
+def one_update(opt, params, loss_fn=quartic_loss, state=None, **extra):
+    state = opt.init(params) if state is None else state
+    grads = jax.grad(loss_fn)(params)
+    return opt.update(grads, state, params, value_fn=loss_fn, **extra)
+
+
+def assert_tree_allclose(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+        ),
+        a,
+        b,
+    )
+
+
+# ----------------------------------------------------------------------------- formula
+
+
+@pytest.mark.parametrize("rho_max,rho_min", [(0.05, 0.05), (0.1, 0.02), (0.05, 0.0)])
+def test_matches_formula(rho_max, rho_min):
+    params = make_params()
+    got, state = one_update(bsam(rho_max, rho_min), params)
+    expected = bsam_formula_np(to_np(params), rho_max, rho_min)
+    assert_tree_allclose(got, expected)
+    assert isinstance(state, BSAMState)
+    assert int(state.count) == 1
+
+
+def test_differs_from_sam_and_sgd():
+    params = make_params()
+    got, _ = one_update(bsam(0.1, 0.1), params)
+    g = quartic_grad_np(to_np(params))
+    assert not np.allclose(np.asarray(got["w"]), g["w"], rtol=1e-3)
+
+
+def test_zero_radii_give_plain_gradient():
+    params = make_params()
+    got, _ = one_update(bsam(0.0, 0.0), params)
+    assert_tree_allclose(got, quartic_grad_np(to_np(params)))
+
+
+def test_matches_formula_mlp_plain_jnp():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(k1, (3, 5)), "w2": jax.random.normal(k2, (5, 2))}
+    x, y = jax.random.normal(k3, (16, 3)), jnp.ones((16, 2))
+    loss = lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+    rmax, rmin = 0.05, 0.03
+
+    grad = jax.grad(loss)
+    norm = lambda t: jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(t)))
+    g = grad(params)
+    gn = norm(g)
+    g_max = grad(jax.tree.map(lambda w, gi: w + rmax * gi / gn, params, g))
+    g_min = grad(jax.tree.map(lambda w, gi: w - rmin * gi / gn, params, g))
+    r = norm(g_max) / norm(g_min)
+    expected = jax.tree.map(lambda a, b, c: a + b - r * c, g_max, g, g_min)
+
+    got, _ = one_update(bsam(rmax, rmin), params, loss)
+    assert_tree_allclose(got, expected)
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+def test_rho_min_schedule_evaluated_at_count():
+    params = make_params()
+    sched = optax.linear_schedule(0.08, 0.0, transition_steps=4)
+    opt = bsam(0.05, sched)
+    state = opt.init(params)
+    w = to_np(params)
+    for count in range(6):
+        got, state = one_update(opt, params, state=state)
+        expected = bsam_formula_np(w, 0.05, float(sched(count)))
+        assert_tree_allclose(got, expected)
+        assert int(state.count) == count + 1
+    # the schedule really changed the result between counts 0 and 4
+    assert not np.allclose(
+        bsam_formula_np(w, 0.05, 0.08)["w"], bsam_formula_np(w, 0.05, 0.0)["w"], rtol=1e-4
+    )
+
+
+def test_rho_max_schedule():
+    params = make_params()
+    sched = lambda count: 0.1 / (1.0 + count)
+    opt = bsam(sched, 0.02)
+    state = opt.init(params)
+    for count in range(3):
+        got, state = one_update(opt, params, state=state)
+        assert_tree_allclose(got, bsam_formula_np(to_np(params), 0.1 / (1 + count), 0.02))
+
+
+def sched_ref(t, total=100):
+    return 0.05 * 0.5 * (1 + np.cos(np.pi * t / total))  # = ρ_min(t) for lr_max = ρ_hi
+
+
+def test_lr_tied_schedule_matches_formula():
+    total = 100
+    lr = optax.cosine_decay_schedule(0.05, decay_steps=total)
+    sched = bsam_rho_min_schedule(lr, 0.05)  # reference: 0.05 → 0 with a cosine lr
+    np.testing.assert_allclose(float(sched(0)), 0.05, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(total // 2)), 0.025, rtol=1e-5)
+    np.testing.assert_allclose(float(sched(total)), 0.0, atol=1e-8)
+
+    sched = bsam_rho_min_schedule(lr, 0.05, rho_hi=0.1, rho_lo=0.01, lr_min=0.001)
+    for t in [0, 7, 33, 80, 100]:
+        lr_t = 0.05 * 0.5 * (1 + np.cos(np.pi * t / total))
+        expected = 0.01 + (0.1 - 0.01) * (lr_t - 0.001) / (0.05 - 0.001)
+        np.testing.assert_allclose(float(sched(t)), expected, rtol=1e-5)
+
+    # a constant learning rate equal to lr_max gives rho_hi
+    np.testing.assert_allclose(float(bsam_rho_min_schedule(0.05, 0.05)(3)), 0.05, rtol=1e-6)
+
+    # jit-able inside bsam
+    params = make_params()
+    opt = bsam(0.05, bsam_rho_min_schedule(lr, 0.05))
+    state = opt.init(params)
+    step = jax.jit(lambda s, p: one_update(opt, p, state=s))
+    for t in range(3):
+        got, state = step(state, params)
+        assert_tree_allclose(got, bsam_formula_np(to_np(params), 0.05, float(sched_ref(t))))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("name", ["rho_max", "rho_min"])
+@pytest.mark.parametrize("bad", [-0.01, float("nan")])
+def test_bad_radius_raises(name, bad):
+    with pytest.raises(ValueError, match=name):
+        bsam(**{name: bad})
+
+
+def test_bad_eps_raises():
+    with pytest.raises(ValueError, match="eps"):
+        bsam(eps=0.0)
+
+
+def test_schedule_helper_validation():
+    lr = optax.cosine_decay_schedule(0.05, 10)
+    with pytest.raises(ValueError, match="lr_max"):
+        bsam_rho_min_schedule(lr, 0.0)
+    with pytest.raises(ValueError, match="lr_max"):
+        bsam_rho_min_schedule(lr, 0.05, lr_min=0.05)
+    with pytest.raises(ValueError, match="rho_hi"):
+        bsam_rho_min_schedule(lr, 0.05, rho_hi=-0.1)
+    with pytest.raises(ValueError, match="rho_lo"):
+        bsam_rho_min_schedule(lr, 0.05, rho_lo=-0.1)
+
+
+def test_missing_value_fn_and_params():
+    params = make_params()
+    opt = bsam()
+    grads = jax.grad(quartic_loss)(params)
+    with pytest.raises(TypeError, match="value_fn"):
+        opt.update(grads, opt.init(params), params)
+    with pytest.raises(TypeError, match="params"):
+        opt.update(grads, opt.init(params), None, value_fn=quartic_loss)
+
+
+def test_unknown_extra_args_ignored():
+    params = make_params()
+    expected, _ = one_update(bsam(), params)
+    got, _ = one_update(bsam(), params, grad_fn=None, foo=1)
+    assert_tree_allclose(got, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_zero_gradient_gives_finite_update():
+    params = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2))}
+    loss = lambda p: sum(jnp.sum(x**4) for x in jax.tree.leaves(p))  # ∇L(0) = 0
+    out, _ = one_update(bsam(), params, loss)
+    for leaf in jax.tree.leaves(out):
+        assert np.all(np.isfinite(leaf))
+        np.testing.assert_array_equal(leaf, 0.0)
+
+    # zero incoming updates where ∇L(w) ≠ 0: ĝ = 0, so g_max = g_min = ∇L(w) and
+    # d = g_max + 0 − (‖g_max‖/(‖g_min‖ + eps)) g_min, zero up to rounding
+    params = make_params()
+    opt = bsam()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    out, _ = opt.update(zeros, opt.init(params), params, value_fn=quartic_loss)
+    for leaf in jax.tree.leaves(out):
+        assert np.all(np.isfinite(leaf))
+    assert_tree_allclose(out, jax.tree.map(jnp.zeros_like, params), atol=1e-5)
+
+
+def test_bf16_params():
+    params = make_params(jnp.bfloat16)
+
+    def loss(p):
+        total = jnp.zeros((), jnp.bfloat16)
+        for name, c in COEF.items():
+            total = total + jnp.sum(c / 4 * (p[name] - 1) ** 4 + 0.5 * p[name] ** 2)
+        return total
+
+    out, _ = one_update(bsam(0.05, 0.05), params, loss)
+    for leaf in jax.tree.leaves(out):
+        assert leaf.dtype == jnp.bfloat16
+        assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+    assert_tree_allclose(out, bsam_formula_np(to_np(params), 0.05, 0.05), rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------- jit / chains
+
+
+def test_jit_matches_eager():
+    params = make_params()
+    opt = bsam(0.05, optax.linear_schedule(0.05, 0.0, 5))
+    step = lambda s, p: one_update(opt, p, state=s)
+    s_e = s_j = opt.init(params)
+    jstep = jax.jit(step)
+    for _ in range(3):
+        d_e, s_e = step(s_e, params)
+        d_j, s_j = jstep(s_j, params)
+        assert_tree_allclose(d_j, d_e)
+    assert int(s_j.count) == 3
+
+
+def test_inject_hyperparams():
+    params = make_params()
+    opt = optax.inject_hyperparams(bsam)(rho_max=0.05, rho_min=0.03)
+    state = opt.init(params)
+    update = jax.jit(lambda s, p: one_update(opt, p, state=s))
+    got, state = update(state, params)
+    assert_tree_allclose(got, bsam_formula_np(to_np(params), 0.05, 0.03))
+    state.hyperparams["rho_min"] = jnp.asarray(0.01)
+    got, _ = update(state, params)
+    assert_tree_allclose(got, bsam_formula_np(to_np(params), 0.05, 0.01))
+
+
+def test_reference_chain_decreases_convex_loss():
+    key = jax.random.key(1)
+    ka, kb = jax.random.split(key)
+    a = jax.random.normal(ka, (32, 5))
+    b = jax.random.normal(kb, (32,))
+    loss = lambda p: 0.5 * jnp.mean((a @ p["w"] + p["c"] - b) ** 2)
+    params = {"w": jnp.zeros((5,)), "c": jnp.zeros(())}
+
+    steps = 30
+    lr = optax.cosine_decay_schedule(0.05, decay_steps=steps)
+    opt = optax.chain(
+        bsam(rho_max=0.05, rho_min=bsam_rho_min_schedule(lr, 0.05)),
+        optax.add_decayed_weights(1e-3),  # coupled weight decay, like torch SGD
+        optax.sgd(lr, momentum=0.9),
+    )
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params, value_fn=loss)
+        return optax.apply_updates(params, updates), state
+
+    losses = [float(loss(params))]
+    for _ in range(steps):
+        params, state = step(params, state)
+        losses.append(float(loss(params)))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    # optimum of the least-squares problem, for scale
+    design = np.concatenate([np.asarray(a), np.ones((32, 1))], axis=1)
+    sol, *_ = np.linalg.lstsq(design, np.asarray(b), rcond=None)
+    best = 0.5 * np.mean((design @ sol - np.asarray(b)) ** 2)
+    assert losses[-1] - best < 0.1 * (losses[0] - best)
+
+
+# ---------------------------------------------------------------------------- m-sharpness
+
+
+def test_m_sharpness_averages_per_shard_directions():
+    n_shards, m = 4, 8
+    kx, ky, kw = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (n_shards * m, 3))
+    y = jax.random.normal(ky, (n_shards * m,))
+    params = {"w": jax.random.normal(kw, (3,)), "c": jnp.zeros(())}
+
+    def loss(p, xb, yb):
+        return jnp.mean(jnp.log(jnp.cosh(xb @ p["w"] + p["c"] - yb)) + 0.1 * (xb @ p["w"]) ** 4)
+
+    xs, ys = x.reshape(n_shards, m, 3), y.reshape(n_shards, m)
+    opt = bsam(0.1, 0.05, axis_name="shards")
+    state = opt.init(params)
+
+    def per_shard(xb, yb):
+        f = lambda p: loss(p, xb, yb)
+        updates, _ = opt.update(jax.grad(f)(params), state, params, value_fn=f)
+        return updates
+
+    got = jax.vmap(per_shard, axis_name="shards")(xs, ys)
+    separate = [
+        one_update(bsam(0.1, 0.05), params, lambda p, i=i: loss(p, xs[i], ys[i]))[0]
+        for i in range(n_shards)
+    ]
+    expected = jax.tree.map(lambda *t: np.mean(np.stack(t), axis=0), *separate)
+    for i in range(n_shards):
+        assert_tree_allclose(jax.tree.map(lambda t, i=i: t[i], got), expected)
+    full, _ = one_update(bsam(0.1, 0.05), params, lambda p: loss(p, x, y))
+    assert not np.allclose(np.asarray(full["w"]), np.asarray(expected["w"]), atol=1e-6)
