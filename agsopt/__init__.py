@@ -5,11 +5,13 @@ Smoothing (arXiv:2411.11747): :func:`ags` and the aliases ``ags_gd``, ``ags_sgd`
 :mod:`agsopt.estimator`, the smoothing matrices in :mod:`agsopt.covariance` and the rules
 that adapt them in :mod:`agsopt.covariance_rules`.
 
+Test functions for convergence studies: :mod:`agsopt.functions`.
+
 Sharpness-aware minimization: :func:`sam` (and ASAM with ``adaptive=True``), Bilateral SAM
 :func:`bsam`.
 """
 
-from agsopt import covariance, covariance_rules, estimator, tree_utils
+from agsopt import covariance, covariance_rules, estimator, functions, tree_utils
 from agsopt.ags import (
     AGSState,
     ags,
@@ -42,6 +44,7 @@ __all__ = [
     "covariance",
     "covariance_rules",
     "estimator",
+    "functions",
     "igs_adam",
     "igs_gd",
     "igs_sgd",
