@@ -8,7 +8,7 @@ that adapt them in :mod:`agsopt.covariance_rules`.
 Test functions for convergence studies: :mod:`agsopt.functions`.
 
 Sharpness-aware minimization: :func:`sam` (and ASAM with ``adaptive=True``), Bilateral SAM
-:func:`bsam`.
+:func:`bsam`, and the sampled variants :func:`ausam` and :func:`vsam`.
 """
 
 from agsopt import covariance, covariance_rules, estimator, functions, tree_utils
@@ -22,23 +22,28 @@ from agsopt.ags import (
     igs_gd,
     igs_sgd,
 )
+from agsopt.ausam import AUSAMState, ausam
 from agsopt.bsam import BSAMState, bsam, bsam_rho_min_schedule
 from agsopt.covariance_rules import CovarianceRule
 from agsopt.estimator import SmoothedEstimate, smoothed_grad, smoothed_value_and_grad
 from agsopt.sam import SAMState, sam, sam_perturbation
+from agsopt.vsam import VSAMState, vsam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGSState",
+    "AUSAMState",
     "BSAMState",
     "CovarianceRule",
     "SAMState",
     "SmoothedEstimate",
+    "VSAMState",
     "ags",
     "ags_adam",
     "ags_gd",
     "ags_sgd",
+    "ausam",
     "bsam",
     "bsam_rho_min_schedule",
     "covariance",
@@ -53,4 +58,5 @@ __all__ = [
     "smoothed_grad",
     "smoothed_value_and_grad",
     "tree_utils",
+    "vsam",
 ]

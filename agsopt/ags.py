@@ -22,7 +22,7 @@ import optax
 from agsopt import validation
 from agsopt.covariance_rules import CovarianceRule, get_rule
 from agsopt.estimator import METHODS, smoothed_value_and_grad
-from agsopt.tree_utils import as_key
+from agsopt.tree_utils import key_for_state, split_state_key
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
@@ -103,12 +103,11 @@ def ags(
     if chunk_size is not None:
         validation.check_int("chunk_size", chunk_size, minimum=1)
     rule = get_rule(covariance)
-    typed_key = as_key(key)
-    key_impl = jax.random.key_impl(typed_key)
+    key_data, key_impl = key_for_state(key)
 
     def init_fn(params: PyTree) -> AGSState:
         return AGSState(
-            key=jax.random.key_data(typed_key),
+            key=key_data,
             count=jnp.zeros((), jnp.int32),
             rule_state=rule.init(params),
             value=jnp.full((), jnp.nan, jnp.float32),
@@ -121,7 +120,7 @@ def ags(
         value_fn = validation.require_value_fn(value_fn, "agsopt.ags")
         if params is None:
             raise TypeError("agsopt.ags: update() needs params")
-        next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=key_impl))
+        next_key, step_key = split_state_key(state.key, key_impl)
         sigma_now = sigma(state.count) if callable(sigma) else sigma
         matrix = rule.matrix(state.rule_state, sigma_now)
         estimate = smoothed_value_and_grad(
@@ -141,7 +140,7 @@ def ags(
             lambda new, old: jnp.where(any_finite, new, old), candidate, state.rule_state
         )
         new_state = AGSState(
-            key=jax.random.key_data(next_key),
+            key=next_key,
             count=optax.safe_increment(state.count),
             rule_state=rule_state,
             value=estimate.value.astype(jnp.float32),

@@ -95,3 +95,19 @@ def as_key(key: int | jax.Array) -> jax.Array:
     raise TypeError(
         f"key must be an int seed or a JAX PRNG key, got {type(key).__name__} {dtype or ''}"
     )
+
+
+def key_for_state(key: int | jax.Array) -> tuple[jax.Array, Any]:
+    """Raw key data to keep in optimizer state, and the key's implementation.
+
+    States hold ``jax.random.key_data(key)`` (plain ``uint32``), not a typed key, so that
+    they serialize with ``flax.serialization`` and checkpoint like any array.
+    """
+    typed = as_key(key)
+    return jax.random.key_data(typed), jax.random.key_impl(typed)
+
+
+def split_state_key(key_data: jax.Array, impl: Any) -> tuple[jax.Array, jax.Array]:
+    """Split a state's raw key: ``(raw data of the next state key, typed key for this step)``."""
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(key_data, impl=impl))
+    return jax.random.key_data(next_key), step_key
