@@ -131,7 +131,8 @@ def adaptive_diagonal(
     With ``m ← βm + (1−β)g`` and ``v ← βv + (1−β)(g − m)²`` (bias-corrected), the raw ratios
     ``ρ_i = sqrt(v_i)`` are normalized to mean square one over all d entries,
     ``r = clip(ρ / sqrt(mean ρ²), min_ratio, max_ratio)``, so ``‖Σ‖_F ≈ σ√d`` as for IGS
-    with the same σ. Until two estimates have been seen, ``r = 1``.
+    with the same σ. Until two estimates have been seen, or while the spread is below 1e-5 of
+    the gradient's RMS (float rounding of a constant gradient), ``r = 1``.
 
     Args:
       decay: β in [0, 1) of the moving averages.
@@ -151,7 +152,9 @@ def adaptive_diagonal(
         correction = 1.0 - decay ** jnp.maximum(state.count - 1, 1).astype(jnp.float32)
         spread = jax.tree.map(lambda v: jnp.sqrt(v / correction), state.variance)
         mean_square = tree_vdot(spread, spread) / tree_size(spread)
-        ready = (state.count >= 2) & (mean_square > 0)
+        # Spread below 1e-5 of the gradient's RMS is rounding noise of the averages, not signal.
+        floor = 1e-10 * tree_vdot(state.mean, state.mean) / tree_size(spread)
+        ready = (state.count >= 2) & (mean_square > floor)
         scale = 1.0 / jnp.sqrt(jnp.where(ready, mean_square, 1.0))
         ratios = jax.tree.map(
             lambda s: jnp.where(ready, jnp.clip(s * scale, min_ratio, max_ratio), 1.0), spread

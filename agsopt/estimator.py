@@ -20,9 +20,10 @@ memory is O(chunk_size · d) whatever ``num_samples`` is. Sample n is drawn from
 for the same key.
 
 ``orthogonal=True`` draws the directions of each block of ``b = min(d, chunk)`` samples
-orthogonal to each other (QR of a Gaussian block, norms redrawn from the χ_d distribution;
-Choromanski et al., arXiv:1804.02395): each u_n is still N(0, I), so the estimate stays
-unbiased, with lower variance. It costs a QR of a d×b block, O(d b²), per block, and the
+orthogonal to each other (Choromanski et al., arXiv:1804.02395): with ``G = QR`` the QR
+factorization of a d×b Gaussian block, ``u_j = q_j ‖g_j‖``, a Haar direction times a χ_d
+norm that depends on R alone and so is independent of it. Each u_n is still N(0, I), so the
+estimate stays unbiased, with lower variance. It costs a QR of a d×b block, O(d b²), per block, and the
 block boundaries follow the chunking.
 
 Samples whose function values (or, first-order, gradients) are not finite are left out of
@@ -85,11 +86,10 @@ def _orthogonal_block(key: jax.Array, params: PyTree, size: int) -> PyTree:
     flat, unravel = ravel_pytree(params)
     dim = flat.shape[0]
     dtype = _noise_dtype(params)
-    gauss_key, norm_key = jax.random.split(key)
-    gaussian = jax.random.normal(gauss_key, (dim, size), dtype)
+    gaussian = jax.random.normal(key, (dim, size), dtype)
     q, r = jnp.linalg.qr(gaussian)
-    q = q * jnp.sign(jnp.diagonal(r))  # Haar-distributed columns
-    norms = jnp.sqrt(2.0 * jax.random.gamma(norm_key, dim / 2.0, (size,), dtype))
+    q = q * jnp.sign(jnp.diagonal(r))  # Haar-distributed columns, independent of R
+    norms = jnp.linalg.norm(gaussian, axis=0)  # ‖g_j‖ = ‖R e_j‖ ~ χ_d, a function of R alone
     return jax.vmap(unravel)((q * norms).T)
 
 
