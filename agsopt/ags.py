@@ -27,7 +27,9 @@ from agsopt.tree_utils import key_for_state, split_state_key
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
 
-DEFAULT_COVARIANCE = "gradient_aligned"
+# Chosen by the convergence study (README, "AGS against IGS"): at least as good as IGS on 9 of
+# 13 functions in d = 100 and 1.4–3× better on the (rotated) ill-conditioned ones.
+DEFAULT_COVARIANCE = "adaptive_gradient_aligned"
 
 
 class AGSState(NamedTuple):
@@ -84,7 +86,8 @@ def ags(
       sigma: the smoothing scale σ > 0: a scalar, one per leaf or a pytree like the
         parameters, or an Optax schedule ``count -> σ`` (e.g. ``optax.exponential_decay``).
       num_samples: Monte Carlo directions per step (antithetic pairs count once).
-      covariance: ``"isotropic"`` (IGS), ``"gradient_aligned"``, ``"adaptive_diagonal"``, or a
+      covariance: ``"adaptive_gradient_aligned"`` (default), ``"gradient_aligned"``,
+        ``"adaptive_diagonal"``, ``"isotropic"`` (IGS), or a
         :class:`~agsopt.covariance_rules.CovarianceRule`.
       key: an int seed or a JAX PRNG key; it lives in the state and is split every step.
       method: ``"antithetic"``, ``"forward"``, ``"plain"`` or ``"first_order"``.

@@ -16,6 +16,9 @@ of Σ. The rules:
 - :func:`gradient_aligned`: ``Σ = σ(I + (κ − 1) v vᵀ)``, ``v`` the unit direction of an
   exponential moving average of past gradient estimates: radius κσ along the direction the
   iterates travel, σ across it;
+- :func:`adaptive_gradient_aligned` (the default of :func:`agsopt.ags`): the same shape with
+  κ ≤ 1 re-chosen every step to minimize the estimator's error for a locally linear f,
+  narrow along a direction the gradients keep following, isotropic when it tells nothing;
 - :func:`adaptive_diagonal`: ``Σ = σ diag(r)``, ``r_i`` proportional to the running standard
   deviation of the i-th gradient coordinate, normalized to mean square 1 (so ‖Σ‖_F equals
   IGS's) and clipped: smooth more where the gradient fluctuates more.
@@ -183,10 +186,99 @@ def _check_decay(decay: float) -> None:
         raise ValueError(f"decay must lie in [0, 1), got {decay}")
 
 
+class AdaptiveGradientAlignedState(NamedTuple):
+    """Moving averages: gradient estimates ``m``, their projection on ``v = m/‖m‖``, ``‖ĝ‖²``."""
+
+    momentum: PyTree
+    projection: jax.Array
+    power: jax.Array
+    count: jax.Array
+
+
+def adaptive_gradient_aligned(
+    decay: float = 0.9,
+    statistics_decay: float = 0.9,
+    min_ratio: float = 0.1,
+    max_ratio: float = 1.0,
+) -> CovarianceRule:
+    """``Σ = σ(I + (κ − 1) v vᵀ)`` as :func:`gradient_aligned`, with κ chosen at every step.
+
+    The direction ``v = m/‖m‖`` is the same as in :func:`gradient_aligned`
+    (``m ← β m + (1 − β) ĝ``). The ratio κ = σ∥/σ⊥ minimizes the error of the antithetic
+    estimate for a locally linear f, ``∇f ≈ g``: with ``c = cos²(v, g)`` its mean squared
+    error is ``‖g‖²/N · [1 + ((1 − c) + κ² c)(d − 1 + 1/κ²)]``, smallest at
+    ``κ⁴ = (1 − c) / (c (d − 1))``. So Σ is narrow along a direction the gradients keep
+    pointing to (the error across it shrinks like κ) and isotropic when the direction carries
+    no information (c ≲ 1/d). ``c`` is estimated from running averages of the projection
+    ``v·ĝ`` (unbiased for ``v·g``, since ``v`` predates ``ĝ``) and of ``‖ĝ‖²``, which the
+    estimator's noise inflates: the estimate of c errs low, towards isotropic smoothing.
+
+    In the convergence study (``python -m agsopt study``, d = 100) this rule matches IGS on
+    the separable multimodal functions and lowers the final f − f* of the rotated
+    ill-conditioned ones, where the fixed κ = 2 of :func:`gradient_aligned` raises it.
+
+    Args:
+      decay: β in [0, 1) of the moving average ``m`` that gives the direction.
+      statistics_decay: in [0, 1), of the averages that estimate ``c``.
+      min_ratio, max_ratio: bounds on κ (0 < min_ratio ≤ max_ratio); ``max_ratio = 1`` never
+        smooths more along ``v`` than across it.
+    """
+    _check_decay(decay)
+    _check_decay(statistics_decay)
+    validation.check_positive("min_ratio", min_ratio)
+    validation.check_positive("max_ratio", max_ratio)
+    if min_ratio > max_ratio:
+        raise ValueError(f"min_ratio ({min_ratio}) must not exceed max_ratio ({max_ratio})")
+
+    def init(params):
+        zero = jnp.zeros((), jnp.float32)
+        return AdaptiveGradientAlignedState(
+            _f32_zeros_like(params), zero, zero, jnp.zeros((), jnp.int32)
+        )
+
+    def direction(state):
+        norm = tree_norm(state.momentum)
+        return tree_scale(jnp.where(norm > 0, 1.0 / norm, 0.0), state.momentum)
+
+    def ratio(state, dim: int) -> jax.Array:
+        if dim < 2:
+            return jnp.ones((), jnp.float32)
+        seen = jnp.maximum(state.count - 1, 1).astype(jnp.float32)  # updates with a direction
+        correction = 1.0 - statistics_decay**seen
+        projection = state.projection / correction
+        power = state.power / correction
+        cos2 = jnp.clip(projection * projection / jnp.maximum(power, 1e-30), 1e-12, 1.0)
+        kappa = ((1.0 - cos2) / (cos2 * (dim - 1))) ** 0.25
+        kappa = jnp.clip(kappa, min_ratio, max_ratio)
+        return jnp.where((state.count >= 2) & (power > 0), kappa, 1.0)
+
+    def matrix(state, sigma):
+        return covariance.gradient_aligned(
+            sigma, ratio(state, tree_size(state.momentum)), direction(state)
+        )
+
+    def update(state, grad):
+        have_direction = state.count >= 1
+        projection = tree_vdot(direction(state), grad)
+        power = tree_vdot(grad, grad)
+        rho = statistics_decay
+        return AdaptiveGradientAlignedState(
+            momentum=_ema(state.momentum, grad, decay),
+            projection=jnp.where(
+                have_direction, rho * state.projection + (1 - rho) * projection, 0.0
+            ),
+            power=jnp.where(have_direction, rho * state.power + (1 - rho) * power, 0.0),
+            count=optax.safe_increment(state.count),
+        )
+
+    return CovarianceRule(init, matrix, update)
+
+
 RULES: dict[str, Callable[[], CovarianceRule]] = {
     "isotropic": isotropic,
     "gradient_aligned": gradient_aligned,
     "adaptive_diagonal": adaptive_diagonal,
+    "adaptive_gradient_aligned": adaptive_gradient_aligned,
 }
 
 

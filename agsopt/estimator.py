@@ -23,8 +23,8 @@ for the same key.
 orthogonal to each other (Choromanski et al., arXiv:1804.02395): with ``G = QR`` the QR
 factorization of a d×b Gaussian block, ``u_j = q_j ‖g_j‖``, a Haar direction times a χ_d
 norm that depends on R alone and so is independent of it. Each u_n is still N(0, I), so the
-estimate stays unbiased, with lower variance. It costs a QR of a d×b block, O(d b²), per block, and the
-block boundaries follow the chunking.
+estimate stays unbiased, with lower variance. It costs a QR of a d×b block, O(d b²), per
+block, and the block boundaries follow the chunking.
 
 Samples whose function values (or, first-order, gradients) are not finite are left out of
 the average and counted in ``num_nonfinite``; if none is finite the gradient is zero.
