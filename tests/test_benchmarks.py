@@ -1,0 +1,154 @@
+"""The benchmark suite runs end to end in quick mode and writes its reports.
+
+No timing is asserted: only that every report exists with the expected structure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_EVOSAX = importlib.util.find_spec("evosax") is not None
+BENCHMARKS = ("estimators", "estimator_profile", "memory", "quality", "sam_steps", "scaling")
+ENVIRONMENT_KEYS = {"date", "device", "platform", "jax", "device_count", "cpu_count"}
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("flax") is None, reason="the benchmarks need flax"
+)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("benchmarks")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return out
+
+
+def load(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def estimators_of(report: dict, table: int = -1, column: str = "estimator") -> set[str]:
+    return {row[column] for row in report["tables"][table]["rows"]}
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_report_is_written(quick_results: Path, name: str):
+    report = load(quick_results, name)
+    assert report["mode"] == "quick"
+    assert report["name"] == name
+    assert ENVIRONMENT_KEYS <= set(report["environment"])
+    assert report["tables"] and all(table["rows"] for table in report["tables"])
+    markdown = (quick_results / f"{name}.md").read_text(encoding="utf-8")
+    assert markdown.startswith(f"# {report['title']}")
+    assert report["environment"]["jax"] in markdown
+    for table in report["tables"]:
+        assert f"## {table['title']}" in markdown
+        assert "| " + " | ".join(table["columns"]) + " |" in markdown
+
+
+def test_summary(quick_results: Path):
+    summary = json.loads((quick_results / "summary.json").read_text(encoding="utf-8"))
+    assert set(BENCHMARKS) <= {entry["benchmark"] for entry in summary["benchmarks"]}
+    assert (quick_results / "summary.md").read_text(encoding="utf-8").startswith("# agsopt")
+
+
+def test_estimators_rows(quick_results: Path):
+    report = load(quick_results, "estimators")
+    names = estimators_of(report)
+    assert {
+        "agsopt antithetic iid, Σ=σI",
+        "bare vmap(f) on E points (limit)",
+        "optax.perturbations (forward)",
+        "Python loop",
+    } <= names
+    assert ("evosax Open_ES ask+eval+tell" in names) == HAS_EVOSAX
+    for row in report["tables"][-1]["rows"]:
+        assert row["median ms"] > 0 and row["evals/s"] > 0
+        assert {"× limit", "× agsopt", "E", "problem"} <= set(row)
+    summary_row = report["tables"][0]["rows"][0]
+    assert summary_row["agsopt / limit"] > 0
+    assert {t["target"] for t in report["targets"]} == {
+        "agsopt's estimator ahead of every peer at equal evaluations",
+        "agsopt within 1.3× of the bare-evaluation limit on CPU",
+    }
+
+
+def test_memory_rows(quick_results: Path):
+    report = load(quick_results, "memory")
+    rows = report["tables"][0]["rows"]
+    names = {row["estimator"] for row in rows}
+    assert "agsopt antithetic iid, chunk_size=None" in names
+    assert any(
+        name.startswith("agsopt antithetic iid, chunk_size=")
+        for name in names - {"agsopt antithetic iid, chunk_size=None"}
+    )
+    for row in rows:
+        assert all(row[column] > 0 for column in report["tables"][0]["columns"][1:])
+    assert report["targets"][0]["target"] == "memory flat in num_samples when chunked"
+
+
+def test_quality_rows(quick_results: Path):
+    report = load(quick_results, "quality")
+    names = estimators_of(report)
+    assert {"agsopt antithetic iid", "agsopt antithetic orthogonal"} <= names
+    assert "optax.perturbations (forward)" in names
+    assert ("evosax Open_ES, identity fitness shaping" in names) == HAS_EVOSAX
+    for row in report["tables"][0]["rows"]:
+        assert row["relative MSE"] > 0 and -1 <= row["mean cosine"] <= 1
+    assert report["data"]["optax_formula_gap"] < 1e-3
+
+
+def test_profile_rows(quick_results: Path):
+    report = load(quick_results, "estimator_profile")
+    parts = estimators_of(report, column="part")
+    assert "bare vmap(f) on E points (limit)" in parts
+    assert "agsopt estimator, threefry2x32 key (default)" in parts
+    assert "evaluations + assembly from precomputed directions (no RNG)" in parts
+    assert report["tables"][0]["rows"][0]["draws / agsopt"] > 0
+
+
+def import_benchmark_module(name: str):
+    """``benchmarks.<name>``, imported from the repository root (not an installed package)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_evosax_absent_is_reported(monkeypatch: pytest.MonkeyPatch):
+    peers = import_benchmark_module("peers")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        peers.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "evosax" else real_find_spec(name, *a),
+    )
+    available, reason = peers.evosax_status()
+    assert not available and "not installed" in reason
+
+
+def test_mlp_problem_builds():
+    problems = import_benchmark_module("problems")
+    quick = problems.mlp_problem(quick=True)
+    assert quick.dim == 16 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert float(quick.fun(quick.params)) > 0
