@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import textwrap
 
@@ -11,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-import agsopt.ausam as ausam_module
 from agsopt.ausam import (
     AUSAMState,
     ausam,
@@ -21,6 +21,8 @@ from agsopt.ausam import (
     ausam_sampling_probs,
     ausam_subset_size,
 )
+
+ausam_module = importlib.import_module("agsopt.ausam")
 
 RHO = 0.1
 N_EXAMPLES, BATCH, DIM, CLASSES = 40, 8, 3, 4

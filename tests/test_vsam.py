@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import textwrap
 
@@ -11,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-import agsopt.vsam as vsam_module
 from agsopt.vsam import (
     VSAMState,
     vsam,
@@ -19,6 +19,8 @@ from agsopt.vsam import (
     vsam_control,
     vsam_relative_change,
 )
+
+vsam_module = importlib.import_module("agsopt.vsam")
 
 RHO = 0.05
 BETA = 0.7
