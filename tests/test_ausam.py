@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from shared_problems import docstring_example
 
 from agsopt.ausam import (
     AUSAMState,
@@ -438,20 +438,9 @@ def test_axis_name_keeps_records_identical_across_shards():
 # -------------------------------------------------------------------------- docstring
 
 
-def _docstring_example(module) -> str:
-    doc = module.__doc__
-    start = doc.index("::\n", doc.index("Example")) + 3
-    lines = []
-    for line in doc[start:].splitlines():
-        if line and not line.startswith("    "):
-            break
-        lines.append(line)
-    return textwrap.dedent("\n".join(lines))
-
-
 def test_docstring_example_trains(capsys):
     namespace: dict = {}
-    exec(compile(_docstring_example(ausam_module), "ausam_example", "exec"), namespace)
+    exec(compile(docstring_example(ausam_module), "ausam_example", "exec"), namespace)
     assert namespace["accuracy"] > 0.7
     assert int(namespace["opt_state"][0].count) == 6 * namespace["steps_per_epoch"]
 

@@ -7,43 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from shared_problems import COEF, make_params, np_norm, quartic_grad_np, quartic_loss, to_np
 
 from agsopt.bsam import BSAMState, bsam, bsam_rho_min_schedule
+
 
 # ---------------------------------------------------------------------------------------
 # Non-quadratic test problem with a hand-written float64 gradient:
 #   L(w) = Σ_leaves Σ_i [ c_leaf/4 · (w_i − 1)⁴ + ½ w_i² ],  ∇L_i = c_leaf (w_i − 1)³ + w_i
 # ---------------------------------------------------------------------------------------
-COEF = {"b": 2.0, "w": 0.5}
-
-
-def quartic_loss(params):
-    total = jnp.zeros((), jnp.float32)
-    for name, c in COEF.items():
-        x = params[name].astype(jnp.float32)
-        total = total + jnp.sum(c / 4 * (x - 1) ** 4 + 0.5 * x**2)
-    return total
-
-
-def quartic_grad_np(params):
-    return {k: COEF[k] * (np.asarray(v, np.float64) - 1) ** 3 + v for k, v in params.items()}
-
-
-def np_norm(tree):
-    return np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in tree.values()))
-
-
-def make_params(dtype=jnp.float32):
-    return {
-        "b": jnp.asarray([[0.3, -0.7], [1.5, 0.1]], dtype),
-        "w": jnp.asarray([0.2, -1.1, 2.0], dtype),
-    }
-
-
-def to_np(tree):
-    return {k: np.asarray(v, np.float64) for k, v in tree.items()}
-
-
 def bsam_formula_np(w, rho_max, rho_min):
     """d = g_max + g − ‖g_max‖/‖g_min‖ · g_min, written out in float64."""
     g = quartic_grad_np(w)

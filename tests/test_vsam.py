@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from shared_problems import docstring_example
 
 from agsopt.vsam import (
     VSAMState,
@@ -458,20 +458,9 @@ def test_update_validation():
 # -------------------------------------------------------------------------- docstring
 
 
-def _docstring_example(module) -> str:
-    doc = module.__doc__
-    start = doc.index("::\n", doc.index("Example")) + 3
-    lines = []
-    for line in doc[start:].splitlines():
-        if line and not line.startswith("    "):
-            break
-        lines.append(line)
-    return textwrap.dedent("\n".join(lines))
-
-
 def test_docstring_example_trains(capsys):
     namespace: dict = {}
-    exec(compile(_docstring_example(vsam_module), "vsam_example", "exec"), namespace)
+    exec(compile(docstring_example(vsam_module), "vsam_example", "exec"), namespace)
     state = namespace["vstate"]
     assert int(state.count) == 20 * 16
     assert 48 < int(state.num_sam_steps) < int(state.count)
