@@ -132,18 +132,20 @@ def time_interleaved(
             samples[name].append(time_call(fn, *args))
         if round_index + 1 >= min_repeats and time.perf_counter() - start > max_seconds:
             break
-    stats = {}
-    for name, times in samples.items():
-        values = np.asarray(times)
-        stats[name] = {
-            "median_s": float(np.median(values)),
-            "min_s": float(np.min(values)),
-            "q25_s": float(np.percentile(values, 25)),
-            "q75_s": float(np.percentile(values, 75)),
-            "repeats": len(times),
-            "first_s": first[name],
-        }
-    return stats
+    return {name: timing_stats(times, first[name]) for name, times in samples.items()}
+
+
+def timing_stats(times: list[float], first_s: float) -> dict[str, Any]:
+    """Median, min and quartiles of repeated call times, with the warm-up call's time."""
+    values = np.asarray(times)
+    return {
+        "median_s": float(np.median(values)),
+        "min_s": float(np.min(values)),
+        "q25_s": float(np.percentile(values, 25)),
+        "q75_s": float(np.percentile(values, 75)),
+        "repeats": len(times),
+        "first_s": first_s,
+    }
 
 
 # --------------------------------------------------------------------------- formatting

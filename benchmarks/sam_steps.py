@@ -226,19 +226,13 @@ def time_paired(
     base_median = float(np.median(samples[baseline]))
     stats = {}
     for name, times in samples.items():
-        values = np.asarray(times)
         paired = np.asarray(ratios[name]) if name != baseline else np.ones(1)
         stats[name] = {
-            "median_s": float(np.median(values)),
-            "min_s": float(np.min(values)),
-            "q25_s": float(np.percentile(values, 25)),
-            "q75_s": float(np.percentile(values, 75)),
-            "repeats": len(times),
-            "first_s": first[name],
+            **common.timing_stats(times, first[name]),
             "paired_ratio": float(np.median(paired)),
             "paired_ratio_q25": float(np.percentile(paired, 25)),
             "paired_ratio_q75": float(np.percentile(paired, 75)),
-            "median_ratio": float(np.median(values)) / base_median,
+            "median_ratio": float(np.median(times)) / base_median,
         }
     return stats
 
