@@ -15,9 +15,12 @@ The zero-order forms never differentiate ``fun``: a black-box, non-differentiabl
 works. Since Σ^{-T} is linear, it is applied once, to ``Σ_n w_n u_n``, not per sample.
 
 Samples are evaluated with ``vmap`` in chunks of ``chunk_size`` inside a ``lax.scan``, so
-memory is O(chunk_size · d) whatever ``num_samples`` is. Sample n is drawn from
-``fold_in(key, n)``: for i.i.d. sampling, chunked and unchunked runs give the same estimate
-for the same key.
+memory is O(chunk_size · d) whatever ``num_samples`` is; by default the chunk is sized from
+d and the backend (:func:`default_chunk_size`). Direction n is one normal vector of length
+d = Σ leaf sizes, ``normal(fold_in(key, n), (d,))``, split into the leaves in
+``jax.tree.leaves`` order: for i.i.d. sampling, chunked and unchunked runs give the same
+estimate for the same key. Each chunk's directions are drawn once and stored (an
+``optimization_barrier``), then read by the evaluations and by the sum ``Σ w_n u_n``.
 
 ``orthogonal=True`` draws the directions of each block of ``b = min(d, chunk)`` samples
 orthogonal to each other (Choromanski et al., arXiv:1804.02395): with ``G = QR`` the QR
@@ -37,15 +40,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from agsopt import validation
 from agsopt.covariance import SmoothingMatrix
-from agsopt.tree_utils import tree_random_normal, tree_size
+from agsopt.tree_utils import tree_size, tree_unflatten_vector
 
 PyTree = Any
 
 METHODS = ("antithetic", "forward", "plain", "first_order")
+CPU_CHUNK_FLOATS = 1 << 16  # directions per chunk × d, see default_chunk_size
+ACCELERATOR_CHUNK_FLOATS = 1 << 26
 
 
 class SmoothedEstimate(NamedTuple):
@@ -73,37 +77,74 @@ def _noise_dtype(params: PyTree) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *[x.dtype for x in jax.tree.leaves(params)])
 
 
-def _iid_directions(key: jax.Array, params: PyTree, start: jax.Array, count: int) -> PyTree:
-    dtype = _noise_dtype(params)
-    indices = start + jnp.arange(count)
-    return jax.vmap(lambda n: tree_random_normal(jax.random.fold_in(key, n), params, dtype))(
-        indices
-    )
+def default_chunk_size(
+    dim: int, num_samples: int, *, orthogonal: bool = False, backend: str | None = None
+) -> int:
+    """The chunk size used when ``chunk_size`` is None.
+
+    About ``2¹⁶`` floats of directions per chunk on CPU (256 KiB in float32: a chunk's
+    directions and points stay in cache, which on CPU is worth more than a wider ``vmap``)
+    and ``2²⁶`` (256 MiB) on GPU/TPU, where wide batches pay and only memory bounds them:
+    ``min(N, max(1, budget // d))``. Orthogonal sampling keeps whole blocks,
+    ``chunk ≥ min(d, N)``, so that the default never weakens the orthogonality.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    budget = CPU_CHUNK_FLOATS if backend == "cpu" else ACCELERATOR_CHUNK_FLOATS
+    chunk = max(1, budget // max(dim, 1))
+    if orthogonal:
+        chunk = max(chunk, dim)
+    return min(num_samples, chunk)
 
 
-def _orthogonal_block(key: jax.Array, params: PyTree, size: int) -> PyTree:
-    """``size ≤ d`` mutually orthogonal directions, each marginally N(0, I)."""
-    flat, unravel = ravel_pytree(params)
-    dim = flat.shape[0]
-    dtype = _noise_dtype(params)
+def _iid_directions(key: jax.Array, dim: int, start: jax.Array, count: int, dtype) -> jax.Array:
+    """Directions ``start … start + count − 1``: row n is ``normal(fold_in(key, n), (d,))``."""
+    draw = lambda n: jax.random.normal(jax.random.fold_in(key, n), (dim,), dtype)
+    return jax.vmap(draw)(start + jnp.arange(count))
+
+
+def _orthogonal_block(key: jax.Array, dim: int, size: int, dtype) -> jax.Array:
+    """``size ≤ d`` mutually orthogonal rows, each marginally N(0, I_d)."""
     gaussian = jax.random.normal(key, (dim, size), dtype)
     q, r = jnp.linalg.qr(gaussian)
     q = q * jnp.sign(jnp.diagonal(r))  # Haar-distributed columns, independent of R
     norms = jnp.linalg.norm(gaussian, axis=0)  # ‖g_j‖ = ‖R e_j‖ ~ χ_d, a function of R alone
-    return jax.vmap(unravel)((q * norms).T)
+    return (q * norms).T
 
 
-def _orthogonal_directions(key: jax.Array, params: PyTree, start: jax.Array, count: int):
-    """Blocks of ``b = min(d, count)`` orthogonal directions; block keys fold in their start."""
-    block = min(tree_size(params), count)
-    num_full, rest = divmod(count, block)
-    starts = start + block * jnp.arange(num_full)
-    full = jax.vmap(lambda s: _orthogonal_block(jax.random.fold_in(key, s), params, block))(starts)
-    parts = [jax.tree.map(lambda x: x.reshape((num_full * block, *x.shape[2:])), full)]
-    if rest:
-        rest_key = jax.random.fold_in(key, start + num_full * block)
-        parts.append(_orthogonal_block(rest_key, params, rest))
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if rest else parts[0]
+def _orthogonal_directions(
+    key: jax.Array, dim: int, start: jax.Array, count: int, dtype
+) -> jax.Array:
+    """Blocks of ``b = min(d, count)`` orthogonal rows; block keys fold in their start.
+
+    A last, partial block of r < b rows is the first r rows of a full block (the first r
+    columns of Q depend on the first r columns of G alone, so they are distributed as the
+    QR of a d×r block): all blocks go through one batched QR, never two at once (two
+    concurrent batched LAPACK QRs deadlocked on a 2-core CPU, jaxlib 0.10.2).
+    """
+    block = min(dim, count)
+    num_blocks = -(-count // block)
+    starts = start + block * jnp.arange(num_blocks)
+    draw = jax.vmap(lambda s: _orthogonal_block(jax.random.fold_in(key, s), dim, block, dtype))
+    return draw(starts).reshape(num_blocks * block, dim)[:count]
+
+
+def sample_directions(
+    key: jax.Array,
+    dim: int,
+    start: int | jax.Array,
+    count: int,
+    *,
+    orthogonal: bool = False,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
+    """The directions u_start … u_{start+count−1} the estimator draws, as ``(count, d)`` rows.
+
+    Split a row into the parameters' leaves with
+    :func:`agsopt.tree_utils.tree_unflatten_vector`. With ``orthogonal``, ``start`` and
+    ``count`` are one chunk's: its blocks are ``min(d, count)`` rows.
+    """
+    draw = _orthogonal_directions if orthogonal else _iid_directions
+    return draw(key, dim, jnp.asarray(start, jnp.int32), count, dtype)
 
 
 def _shift(params: PyTree, perturbation: PyTree, sign: float) -> PyTree:
@@ -113,8 +154,12 @@ def _shift(params: PyTree, perturbation: PyTree, sign: float) -> PyTree:
     )
 
 
-def _chunk_sums(fun, params, matrix, directions, method: str, base_value):
-    """Sums over one chunk: (Σ w_n u_n or Σ ∇f, Σ values, number of finite samples)."""
+def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value):
+    """Sums over one chunk: (Σ w_n u_n or Σ ∇f, Σ values, number of finite samples).
+
+    ``flat_directions`` is a ``(chunk, d)`` array, one direction per row.
+    """
+    directions = jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat_directions)
     perturbations = jax.vmap(matrix.apply)(directions)
     value_dtype = _noise_dtype(params) if base_value is None else base_value.dtype
 
@@ -143,10 +188,8 @@ def _chunk_sums(fun, params, matrix, directions, method: str, base_value):
             values = jax.vmap(at(1.0))(perturbations)
             weights = values - base_value if method == "forward" else values
             valid = jnp.isfinite(weights)
-        weights = jnp.where(valid, weights, 0.0)
-        vector = jax.tree.map(
-            lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), directions
-        )
+        weights = jnp.where(valid, weights, 0.0).astype(flat_directions.dtype)
+        vector = tree_unflatten_vector(weights @ flat_directions, params)
     value_sum = jnp.sum(jnp.where(valid, values, 0.0))
     return vector, value_sum, jnp.sum(valid, dtype=jnp.int32)
 
@@ -169,13 +212,16 @@ def smoothed_value_and_grad(
       fun: ``params -> scalar``; called on batches of points through ``vmap``. It need not be
         differentiable unless ``method="first_order"``.
       params: the point x, any pytree of float arrays.
-      key: a JAX PRNG key; sample n uses ``fold_in(key, n)`` (blocks, if ``orthogonal``).
+      key: a JAX PRNG key (any implementation); sample n uses ``fold_in(key, n)`` (blocks
+        fold in their first sample's index, if ``orthogonal``).
       matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``.
       num_samples: N, the number of directions u_n (antithetic pairs count once).
       method: one of ``"antithetic"``, ``"forward"``, ``"plain"``, ``"first_order"``.
       orthogonal: draw orthogonal directions within blocks of ``min(d, chunk)`` samples.
-      chunk_size: samples evaluated per ``vmap`` call (default: all at once). Memory is
-        O(chunk_size · d); the last chunk holds the remainder, so no evaluation is wasted.
+      chunk_size: samples evaluated per ``vmap`` call; memory is O(chunk_size · d) and the
+        last chunk holds the remainder, so no evaluation is wasted. ``None`` (default):
+        :func:`default_chunk_size` (about 2¹⁶ floats of directions per chunk on CPU, 2²⁶ on
+        GPU/TPU). ``chunk_size=num_samples`` evaluates all samples in one ``vmap``.
       sample_sharding: spread each chunk's samples over devices, e.g.
         ``NamedSharding(Mesh(jax.devices(), ("s",)), PartitionSpec("s"))``: the directions'
         leading (sample) axis is constrained to it and XLA partitions the evaluations and
@@ -187,13 +233,12 @@ def smoothed_value_and_grad(
     """
     num_samples = validation.check_int("num_samples", num_samples, minimum=1)
     validation.check_choice("method", method, METHODS)
-    chunk = (
-        num_samples
-        if chunk_size is None
-        else validation.check_int("chunk_size", chunk_size, minimum=1)
-    )
-    chunk = min(chunk, num_samples)
-    draw = _orthogonal_directions if orthogonal else _iid_directions
+    dim = tree_size(params)
+    if chunk_size is None:
+        chunk = default_chunk_size(dim, num_samples, orthogonal=orthogonal)
+    else:
+        chunk = min(validation.check_int("chunk_size", chunk_size, minimum=1), num_samples)
+    noise_dtype = _noise_dtype(params)
 
     base_value = None
     if method == "forward":
@@ -201,7 +246,11 @@ def smoothed_value_and_grad(
         base_value = base_value.astype(jnp.promote_types(base_value.dtype, jnp.float32))
 
     def sums_from(start, count):
-        directions = draw(key, params, start, count)
+        directions = sample_directions(
+            key, dim, start, count, orthogonal=orthogonal, dtype=noise_dtype
+        )
+        # Stored once: otherwise XLA (on CPU) recomputes the normal transform into each consumer.
+        directions = jax.lax.optimization_barrier(directions)
         if sample_sharding is not None:
             directions = jax.lax.with_sharding_constraint(directions, sample_sharding)
         return _chunk_sums(fun, params, matrix, directions, method, base_value)

@@ -111,3 +111,19 @@ def split_state_key(key_data: jax.Array, impl: Any) -> tuple[jax.Array, jax.Arra
     """Split a state's raw key: ``(raw data of the next state key, typed key for this step)``."""
     next_key, step_key = jax.random.split(jax.random.wrap_key_data(key_data, impl=impl))
     return jax.random.key_data(next_key), step_key
+
+
+def tree_unflatten_vector(vector: jax.Array, like: PyTree) -> PyTree:
+    """Split a length-``tree_size(like)`` vector into leaves shaped like ``like``'s.
+
+    The inverse of concatenating the raveled leaves in ``jax.tree.leaves`` order. Unlike
+    ``jax.flatten_util.ravel_pytree``'s unravel it keeps the vector's dtype (directions drawn
+    in float32 stay float32 for bfloat16 parameters).
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    pieces, offset = [], 0
+    for leaf in leaves:
+        size = int(jnp.size(leaf))
+        pieces.append(vector[offset : offset + size].reshape(jnp.shape(leaf)))
+        offset += size
+    return jax.tree.unflatten(treedef, pieces)

@@ -103,10 +103,21 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def time_call(fn: Callable[..., Any], *args: Any) -> float:
+def time_call(fn: Callable[..., Any], *args: Any, number: int = 1) -> float:
+    """Mean wall time of ``number`` consecutive calls, each waited for."""
     start = time.perf_counter()
-    block(fn(*args))
-    return time.perf_counter() - start
+    for _ in range(number):
+        block(fn(*args))
+    return (time.perf_counter() - start) / number
+
+
+def calls_per_sample(fn: Callable[..., Any], *args: Any, min_seconds: float) -> int:
+    """How many calls make one timing sample last at least ``min_seconds`` (≥ 1)."""
+    once = time_call(fn, *args)
+    if once >= min_seconds:
+        return 1
+    once = min(once, *(time_call(fn, *args) for _ in range(2)))
+    return max(1, math.ceil(min_seconds / max(once, 1e-7)))
 
 
 def time_interleaved(
@@ -115,24 +126,34 @@ def time_interleaved(
     repeats: int,
     max_seconds: float = math.inf,
     min_repeats: int = 3,
+    min_sample_seconds: float = 0.02,
 ) -> dict[str, dict[str, Any]]:
     """Median wall time of each ``fn(*args)``, warm-up (compilation) excluded.
 
     Every candidate is called once to compile and warm up (that call is reported as
-    ``first_s``), then the candidates are timed round-robin, one call each per round,
+    ``first_s``), then the candidates are timed round-robin, one sample each per round,
     ``block_until_ready`` on the outputs, so that a burst of load from other processes on a
-    shared machine hits all of them alike rather than one. Rounds stop after ``repeats``, or
-    once ``max_seconds`` have been spent and ``min_repeats`` rounds are done.
+    shared machine hits all of them alike rather than one. A sample is the mean over enough
+    consecutive calls to last ``min_sample_seconds`` (sub-millisecond calls are otherwise
+    at the mercy of the scheduler). Rounds stop after ``repeats``, or once ``max_seconds``
+    have been spent and ``min_repeats`` rounds are done.
     """
     first = {name: time_call(fn, *args) for name, (fn, args) in candidates.items()}
+    number = {
+        name: calls_per_sample(fn, *args, min_seconds=min_sample_seconds)
+        for name, (fn, args) in candidates.items()
+    }
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     start = time.perf_counter()
     for round_index in range(repeats):
         for name, (fn, args) in candidates.items():
-            samples[name].append(time_call(fn, *args))
+            samples[name].append(time_call(fn, *args, number=number[name]))
         if round_index + 1 >= min_repeats and time.perf_counter() - start > max_seconds:
             break
-    return {name: timing_stats(times, first[name]) for name, times in samples.items()}
+    return {
+        name: timing_stats(times, first[name]) | {"calls_per_sample": number[name]}
+        for name, times in samples.items()
+    }
 
 
 def timing_stats(times: list[float], first_s: float) -> dict[str, Any]:

@@ -4,8 +4,9 @@ XLA's compiled memory analysis (``jax.jit(f).lower(...).compile().memory_analysi
 the bytes a compiled computation allocates besides its arguments and outputs
 (``temp_size_in_bytes``, the scratch buffers: perturbations, directions, per-sample values);
 it works on CPU and needs no run. We compile agsopt's antithetic estimator on Rastrigin for
-growing N with ``chunk_size=None`` (one ``vmap`` over all N directions) and with a fixed
-chunk (a ``lax.scan`` over chunks), and the peers at the same evaluations (2N) for reference.
+growing N with ``chunk_size=N`` (one ``vmap`` over all N directions), with its default
+chunk (``agsopt.estimator.default_chunk_size``) and with a fixed chunk (a ``lax.scan`` over
+chunks), and the peers at the same evaluations (2N) for reference.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+
+from agsopt.estimator import default_chunk_size
 
 from . import common, peers
 from .problems import test_function_problem
@@ -40,8 +43,13 @@ def run(quick: bool) -> dict[str, Any]:
     with_evosax, evosax_note = peers.evosax_status()
     problem = test_function_problem("rastrigin", dim)
     key = jax.random.key(0)
+    default = default_chunk_size(dim, max(sample_counts))
     variants: dict[str, Any] = {
-        "agsopt antithetic iid, chunk_size=None": lambda n: (
+        "agsopt antithetic iid, chunk_size=N (one vmap)": lambda n: (
+            peers.agsopt_grad(problem, 2 * n, chunk_size=n),
+            (problem.params, key),
+        ),
+        f"agsopt antithetic iid, default chunk_size ({default})": lambda n: (
             peers.agsopt_grad(problem, 2 * n),
             (problem.params, key),
         ),
@@ -58,7 +66,7 @@ def run(quick: bool) -> dict[str, Any]:
             (key, problem.params),
         ),
     }
-    if quick:  # keep the compilations few: agsopt's two chunkings only
+    if quick:  # keep the compilations few: agsopt's chunkings only
         del variants[f"agsopt antithetic orthogonal, chunk_size={chunk}"]
         del variants["optax.perturbations (forward, 2N − 1 samples)"]
     if with_evosax and not quick:
@@ -69,6 +77,13 @@ def run(quick: bool) -> dict[str, Any]:
 
         variants["evosax Open_ES ask+eval+tell (population 2N)"] = evosax_variant
 
+    # The rows whose every compile is a scan over ≥ 2 chunks (the default is one vmap at small d).
+    scanned = [
+        name
+        for name in variants
+        if f"chunk_size={chunk}" in name
+        or (name.startswith("agsopt") and default < min(sample_counts) and "default" in name)
+    ]
     measurements: dict[str, dict[int, dict[str, int]]] = {}
     for name, build in variants.items():
         measurements[name] = {}
@@ -86,7 +101,7 @@ def run(quick: bool) -> dict[str, Any]:
 
     # Every N is at least two chunks, so every chunked compile is a scan over chunks: the
     # scratch memory must not grow with N (up to XLA's bookkeeping, 5 %).
-    chunked = [r for r in rows if f"chunk_size={chunk}" in r["estimator"]]
+    chunked = [r for r in rows if r["estimator"] in scanned]
     flat = all(r["max / min"] <= 1.05 for r in chunked)
     unchunked = rows[0]
     targets = [
@@ -103,7 +118,8 @@ def run(quick: bool) -> dict[str, Any]:
         "argument (x) and output (the gradient) are d floats each and not counted.",
         "Cells: temp_size_in_bytes in MiB (XLA's scratch buffers of the compiled step). "
         "Unchunked, it grows like N·d (the N perturbations and directions are live at once); "
-        f"chunked, only one chunk of {chunk} directions is live, so it stays flat.",
+        f"chunked, only one chunk of {chunk} (or the default {default}) directions is live, "
+        "so it stays flat.",
         "peak_memory_in_bytes is also in the JSON, but XLA's CPU client reports a "
         "placeholder there (not the real peak), so it is not used.",
         evosax_note + ".",

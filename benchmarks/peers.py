@@ -18,8 +18,9 @@ At equal function evaluations per step E (E even):
   centered-rank shaping gives a rescaled, biased direction instead.
 - a plain Python loop: for each of N = E/2 directions, draw u with a jitted draw, evaluate a
   jitted f at x + σu and x − σu (the adds run eagerly) and accumulate ``(f₊ − f₋) u``.
-- the limit: the bare ``jit(vmap(fun))`` over E precomputed perturbed points, no random
-  numbers drawn and no gradient assembled.
+- the limits: the bare ``jit(vmap(fun))`` over E precomputed perturbed points (no random
+  numbers drawn, no gradient assembled), and agsopt's own draws plus the evaluations at
+  them, in the same chunks, without the gradient assembly (:func:`draw_and_evaluate`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import optax.perturbations
 from jax.flatten_util import ravel_pytree
 
 from agsopt import covariance
-from agsopt.estimator import smoothed_value_and_grad
-from agsopt.tree_utils import tree_normalize, tree_random_normal
+from agsopt.estimator import default_chunk_size, sample_directions, smoothed_value_and_grad
+from agsopt.tree_utils import tree_normalize, tree_unflatten_vector
 
 from .problems import Problem
 
@@ -88,15 +89,6 @@ def agsopt_grad(
         ).grad
 
     return jax.jit(grad)
-
-
-def auto_chunk(dim: int, num_samples: int, floats_per_chunk: int = 1 << 16) -> int:
-    """A CPU-friendly chunk: about 2¹⁶ floats (256 KiB) of directions per chunk.
-
-    This is the rule the profile proposes for agsopt (estimator_profile.md): on CPU the
-    estimate is fastest when a chunk's directions and perturbed points stay in cache.
-    """
-    return max(1, min(num_samples, floats_per_chunk // max(dim, 1)))
 
 
 def gradient_aligned_matrix(problem: Problem) -> Any:
@@ -227,7 +219,7 @@ def python_loop_grad(problem: Problem, evaluations: int):
 
     @jax.jit
     def draw(key: jax.Array, n: int) -> PyTree:
-        return tree_random_normal(jax.random.fold_in(key, n), problem.params)
+        return tree_unflatten_vector(sample_directions(key, problem.dim, n, 1)[0], problem.params)
 
     def grad(params: PyTree, key: jax.Array) -> PyTree:
         total = jax.tree.map(jnp.zeros_like, params)
@@ -246,11 +238,10 @@ def python_loop_grad(problem: Problem, evaluations: int):
 
 
 def perturbed_points(problem: Problem, evaluations: int, key: jax.Array) -> PyTree:
-    """E points ``x ± σu`` (antithetic pairs), stacked on a leading axis."""
+    """E points ``x ± σu`` (antithetic pairs, agsopt's directions), stacked on a leading axis."""
     half = evaluations // 2
-    directions = jax.vmap(lambda n: tree_random_normal(jax.random.fold_in(key, n), problem.params))(
-        jnp.arange(half)
-    )
+    rows = sample_directions(key, problem.dim, 0, half)
+    directions = jax.vmap(lambda row: tree_unflatten_vector(row, problem.params))(rows)
     return jax.tree.map(
         lambda x, u: jnp.concatenate([x + problem.sigma * u, x - problem.sigma * u]),
         problem.params,
@@ -261,3 +252,37 @@ def perturbed_points(problem: Problem, evaluations: int, key: jax.Array) -> PyTr
 def bare_evaluation(problem: Problem):
     """``jit(vmap(fun))``: the cost of the evaluations alone."""
     return jax.jit(jax.vmap(problem.fun))
+
+
+def draw_and_evaluate(problem: Problem, evaluations: int, chunk_size: int | None = None):
+    """``(params, key) -> Σ values``: agsopt's work without the gradient assembly.
+
+    The same directions as agsopt's antithetic estimator (same rule, same chunks, each
+    chunk's draws stored once), f evaluated at x ± σu and the values summed; no
+    ``Σ w_n u_n``, no Σ^{-T}, no bookkeeping. The limit for an estimator that must draw
+    its own points.
+    """
+    num_samples = evaluations // 2
+    dim, sigma = problem.dim, problem.sigma
+    chunk = default_chunk_size(dim, num_samples) if chunk_size is None else chunk_size
+    num_full, rest = divmod(num_samples, chunk)
+
+    def chunk_total(params: PyTree, key: jax.Array, start: jax.Array, count: int):
+        rows = jax.lax.optimization_barrier(sample_directions(key, dim, start, count))
+
+        def pair(row: jax.Array) -> jax.Array:
+            u = tree_unflatten_vector(row, params)
+            plus = jax.tree.map(lambda x, v: x + sigma * v, params, u)
+            minus = jax.tree.map(lambda x, v: x - sigma * v, params, u)
+            return problem.fun(plus) + problem.fun(minus)
+
+        return jnp.sum(jax.vmap(pair)(rows))
+
+    def total(params: PyTree, key: jax.Array) -> jax.Array:
+        body = lambda acc, s: (acc + chunk_total(params, key, s, chunk), None)
+        acc, _ = jax.lax.scan(body, jnp.float32(0), chunk * jnp.arange(num_full))
+        if rest:
+            acc = acc + chunk_total(params, key, jnp.int32(num_full * chunk), rest)
+        return acc
+
+    return jax.jit(total)

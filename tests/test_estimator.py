@@ -24,8 +24,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from agsopt import covariance
-from agsopt.estimator import smoothed_grad, smoothed_value_and_grad
-from agsopt.tree_utils import tree_random_normal
+from agsopt.estimator import default_chunk_size, smoothed_grad, smoothed_value_and_grad
+from agsopt.tree_utils import tree_unflatten_vector
 
 METHODS = ("antithetic", "forward", "plain", "first_order")
 Z_BOUND = 5.0
@@ -413,12 +413,10 @@ def test_linear_orthogonal_mse_several_blocks():
 
 # ------------------------------------------------- exact formula on the drawn samples
 def drawn_directions(key, params, num_samples):
-    """Sample n is ``tree_random_normal(fold_in(key, n))`` (documented in the estimator)."""
+    """Sample n is ``normal(fold_in(key, n), (d,))`` in leaf order (the estimator's rule)."""
+    dim = flat(params).size
     return [
-        np.asarray(
-            flat(tree_random_normal(jax.random.fold_in(key, n), params, jnp.float32)),
-            np.float64,
-        )
+        np.asarray(jax.random.normal(jax.random.fold_in(key, n), (dim,)), np.float64)
         for n in range(num_samples)
     ]
 
@@ -500,6 +498,28 @@ def test_chunked_equals_unchunked(method):
         cosine, params, jax.random.key(19), matrix, num_samples=SMALL_N, method=method
     )
     assert np.max(np.abs(flat(other.grad) - flat(whole.grad))) > 1e-3
+
+
+def test_default_chunk_size_rule():
+    """About 2¹⁶ floats of directions per chunk on CPU, 2²⁶ elsewhere, never more than N,
+    at least 1, and whole orthogonal blocks (≥ min(d, N))."""
+    assert default_chunk_size(100, 128, backend="cpu") == 128
+    assert default_chunk_size(10_000, 128, backend="cpu") == 6
+    assert default_chunk_size(10**6, 32, backend="cpu") == 1
+    assert default_chunk_size(10_000, 128, orthogonal=True, backend="cpu") == 128
+    assert default_chunk_size(10_000, 20_000, orthogonal=True, backend="cpu") == 10_000
+    assert default_chunk_size(10**6, 32, backend="gpu") == 32
+    assert default_chunk_size(10**6, 1024, backend="tpu") == 67
+
+
+def test_tree_unflatten_vector_keeps_dtype_and_leaf_order():
+    like = {"b": jnp.zeros((2, 3), jnp.bfloat16), "a": jnp.zeros(4, jnp.float32)}
+    vector = jnp.arange(10, dtype=jnp.float32)
+    tree = tree_unflatten_vector(vector, like)
+    assert tree["a"].dtype == tree["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(tree["a"], np.arange(4))  # "a" is the first leaf
+    np.testing.assert_array_equal(tree["b"], np.arange(4, 10).reshape(2, 3))
+    np.testing.assert_array_equal(flat(tree), vector)
 
 
 @pytest.mark.slow
