@@ -92,7 +92,8 @@ def ags(
       key: an int seed or a JAX PRNG key; it lives in the state and is split every step.
       method: ``"antithetic"``, ``"forward"``, ``"plain"`` or ``"first_order"``.
       orthogonal: orthogonal sample directions within blocks (variance reduction).
-      chunk_size: samples per vectorized evaluation; bounds memory for large N.
+      chunk_size: samples per vectorized evaluation; bounds memory for large N. ``None``:
+        sized from d and the backend (:func:`agsopt.estimator.default_chunk_size`).
       sample_sharding: shard the Monte Carlo sample axis over devices (see
         :func:`agsopt.estimator.smoothed_value_and_grad`).
 

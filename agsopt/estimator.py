@@ -23,11 +23,13 @@ estimate for the same key. Each chunk's directions are drawn once and stored (an
 ``optimization_barrier``), then read by the evaluations and by the sum ``Σ w_n u_n``.
 
 ``orthogonal=True`` draws the directions of each block of ``b = min(d, chunk)`` samples
-orthogonal to each other (Choromanski et al., arXiv:1804.02395): with ``G = QR`` the QR
-factorization of a d×b Gaussian block, ``u_j = q_j ‖g_j‖``, a Haar direction times a χ_d
-norm that depends on R alone and so is independent of it. Each u_n is still N(0, I), so the
-estimate stays unbiased, with lower variance. It costs a QR of a d×b block, O(d b²), per
-block, and the block boundaries follow the chunking.
+orthogonal to each other (Choromanski et al., arXiv:1804.02395): with ``G = LQ`` the LQ
+factorization of a b×d Gaussian block (rows g_j), ``u_j = q_j ‖g_j‖``, a Haar direction
+times a χ_d norm that depends on L alone and so is independent of it. Each u_n is still
+N(0, I), so the estimate stays unbiased, with lower variance. It costs an LQ factorization
+of a b×d block, O(d b²), per block (CholeskyQR2 in matmuls for wide blocks). With the
+default ``chunk_size`` a block spans min(d, N) directions and its evaluations run in
+cache-sized pieces; with an explicit ``chunk_size`` the blocks follow the chunks.
 
 Samples whose function values (or, first-order, gradients) are not finite are left out of
 the average and counted in ``num_nonfinite``; if none is finite the gradient is zero.
@@ -102,13 +104,41 @@ def _iid_directions(key: jax.Array, dim: int, start: jax.Array, count: int, dtyp
     return jax.vmap(draw)(start + jnp.arange(count))
 
 
+def _cholesky_qr2(gaussian: jax.Array, gram: jax.Array) -> jax.Array:
+    """Q of ``G = LQ``, ``diag(L) > 0``, for a wide ``b × d`` G (d ≥ 2b) with ``gram = GGᵀ``.
+
+    Two rounds of ``Q ← chol(QQᵀ)^{-1} Q`` (CholeskyQR2): matmuls and b×b factorizations
+    only. Its accuracy needs a well-conditioned G: a b × d Gaussian block with d ≥ 2b has
+    condition number about (√d + √b)/(√d − √b) ≤ 5.8.
+    """
+    identity = jnp.eye(gaussian.shape[0], dtype=gaussian.dtype)
+    q = gaussian
+    for round_index in range(2):
+        if round_index:
+            gram = q @ q.T
+        lower = jnp.linalg.cholesky(gram)
+        q = jax.scipy.linalg.solve_triangular(lower, identity, lower=True) @ q
+    return q
+
+
 def _orthogonal_block(key: jax.Array, dim: int, size: int, dtype) -> jax.Array:
-    """``size ≤ d`` mutually orthogonal rows, each marginally N(0, I_d)."""
-    gaussian = jax.random.normal(key, (dim, size), dtype)
-    q, r = jnp.linalg.qr(gaussian)
-    q = q * jnp.sign(jnp.diagonal(r))  # Haar-distributed columns, independent of R
-    norms = jnp.linalg.norm(gaussian, axis=0)  # ‖g_j‖ = ‖R e_j‖ ~ χ_d, a function of R alone
-    return (q * norms).T
+    """``size ≤ d`` mutually orthogonal rows, each marginally N(0, I_d).
+
+    Row j is ``q_j ‖g_j‖`` with G = LQ (``diag(L) > 0``: Q is the Gram–Schmidt of G's rows,
+    Haar-distributed) and ``‖g_j‖ = ‖L_j‖ ~ χ_d``, a function of L alone. Wide blocks
+    (d ≥ 2b) use :func:`_cholesky_qr2`, squarer ones Householder QR of Gᵀ.
+    """
+    # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
+    gaussian = jax.lax.optimization_barrier(jax.random.normal(key, (size, dim), dtype))
+    if dim >= 2 * size:
+        gram = gaussian @ gaussian.T
+        q = _cholesky_qr2(gaussian, gram)
+        norms = jnp.sqrt(jnp.diagonal(gram))
+    else:
+        q, r = jnp.linalg.qr(gaussian.T)
+        q = (q * jnp.sign(jnp.diagonal(r))).T
+        norms = jnp.linalg.norm(gaussian, axis=1)
+    return q * norms[:, None]
 
 
 def _orthogonal_directions(
@@ -117,8 +147,8 @@ def _orthogonal_directions(
     """Blocks of ``b = min(d, count)`` orthogonal rows; block keys fold in their start.
 
     A last, partial block of r < b rows is the first r rows of a full block (the first r
-    columns of Q depend on the first r columns of G alone, so they are distributed as the
-    QR of a d×r block): all blocks go through one batched QR, never two at once (two
+    rows of Q depend on the first r rows of G alone, so they are distributed as the LQ of
+    an r×d block): all blocks go through one batched QR, never two at once (two
     concurrent batched LAPACK QRs deadlocked on a 2-core CPU, jaxlib 0.10.2).
     """
     block = min(dim, count)
@@ -194,6 +224,26 @@ def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value):
     return vector, value_sum, jnp.sum(valid, dtype=jnp.int32)
 
 
+def _sum_in_pieces(sums_of: Callable[[jax.Array, int], Any], total: int, piece: int) -> Any:
+    """``Σ sums_of(offset, size)`` over pieces covering ``[0, total)``: the full pieces of
+    ``piece`` in a ``lax.scan`` (one compiled body), then the remainder."""
+    num_full, rest = divmod(total, piece)
+    if num_full == 1:
+        totals = sums_of(jnp.int32(0), piece)
+    else:
+        zeros = jax.eval_shape(lambda: sums_of(jnp.int32(0), piece))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+
+        def body(carry, offset):
+            return jax.tree.map(jnp.add, carry, sums_of(offset, piece)), None
+
+        offsets = piece * jnp.arange(num_full, dtype=jnp.int32)
+        totals, _ = jax.lax.scan(body, zeros, offsets)
+    if rest:
+        totals = jax.tree.map(jnp.add, totals, sums_of(jnp.int32(num_full * piece), rest))
+    return totals
+
+
 def smoothed_value_and_grad(
     fun: Callable[[PyTree], jax.Array],
     params: PyTree,
@@ -245,29 +295,28 @@ def smoothed_value_and_grad(
         base_value = jnp.asarray(fun(params))
         base_value = base_value.astype(jnp.promote_types(base_value.dtype, jnp.float32))
 
+    # Orthogonal blocks by default span min(d, N) directions; their evaluations then run
+    # in cache-sized pieces (memory is O(block · d) for the block's directions either way).
+    piece = None
+    if orthogonal and chunk_size is None and sample_sharding is None:
+        piece = default_chunk_size(dim, chunk)
+
     def sums_from(start, count):
         directions = sample_directions(
             key, dim, start, count, orthogonal=orthogonal, dtype=noise_dtype
         )
-        # Stored once: otherwise XLA (on CPU) recomputes the normal transform into each consumer.
+        # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
         directions = jax.lax.optimization_barrier(directions)
         if sample_sharding is not None:
             directions = jax.lax.with_sharding_constraint(directions, sample_sharding)
-        return _chunk_sums(fun, params, matrix, directions, method, base_value)
 
-    num_full, rest = divmod(num_samples, chunk)
-    if num_full == 1:
-        totals = sums_from(jnp.int32(0), chunk)
-    else:
-        zeros = jax.eval_shape(lambda: sums_from(jnp.int32(0), chunk))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        def sums_of_rows(offset, size):
+            rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
+            return _chunk_sums(fun, params, matrix, rows, method, base_value)
 
-        def body(carry, start):
-            return jax.tree.map(jnp.add, carry, sums_from(start, chunk)), None
+        return _sum_in_pieces(sums_of_rows, count, piece or count)
 
-        totals, _ = jax.lax.scan(body, zeros, chunk * jnp.arange(num_full, dtype=jnp.int32))
-    if rest:
-        totals = jax.tree.map(jnp.add, totals, sums_from(jnp.int32(num_full * chunk), rest))
+    totals = _sum_in_pieces(sums_from, num_samples, chunk)
 
     vector, value_sum, num_valid = totals
     denominator = jnp.maximum(num_valid, 1)

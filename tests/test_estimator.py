@@ -24,6 +24,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from agsopt import covariance
+from agsopt import estimator as estimator_module
 from agsopt.estimator import default_chunk_size, smoothed_grad, smoothed_value_and_grad
 from agsopt.tree_utils import tree_unflatten_vector
 
@@ -401,6 +402,22 @@ def test_linear_orthogonal_mse():
     ratio = orth / iid
     print(f"orthogonal/iid MSE ratio = {ratio:.4f} (theory {2 / (DIM + 1):.4f})")
     assert ratio < 0.8
+
+
+def test_linear_orthogonal_mse_partial_block():
+    """N = 2 ≤ d/2 orthogonal directions (the CholeskyQR2 branch): one block of b = N has
+    E‖ĝ − a‖² = b(d + 2 − b)/N² ‖a‖² = (d + 2 − N)/N ‖a‖² (i.i.d.: (d + 1)/N ‖a‖²)."""
+    mse, se = linear_mse("antithetic", 2, seed=21, orthogonal=True)
+    assert_mse(mse, se, (DIM + 2 - 2) / 2 * LIN_A @ LIN_A, "orthogonal N=2")
+
+
+def test_cholesky_qr_branch_equals_householder_qr():
+    """Wide blocks use CholeskyQR2: the same rows as Householder QR of Gᵀ, diag(R) > 0."""
+    gaussian = jax.random.normal(jax.random.key(22), (40, 300))
+    wide = estimator_module._cholesky_qr2(gaussian, gaussian @ gaussian.T)
+    q, r = np.linalg.qr(np.asarray(gaussian, np.float64).T)
+    np.testing.assert_allclose(wide, (q * np.sign(np.diag(r))).T, atol=2e-5)
+    np.testing.assert_allclose(wide @ wide.T, np.eye(40), atol=2e-5)
 
 
 @pytest.mark.slow
