@@ -38,7 +38,9 @@ Control, at the start of every window of ``K`` steps after the warm-up::
 
 ``base_sr`` starts at 1. The first ``warmup_steps`` steps are all SAM steps. Under ``jit`` the
 SAM/other choice is a ``lax.cond``: only the taken branch runs, so an other step costs one
-gradient (the caller's) and never calls ``value_fn``. The state (:class:`VSAMState`) is a
+gradient (the caller's) and never calls ``value_fn``; the records are computed inside the
+SAM branch and the window's control inside a ``lax.cond`` on its first step, so an other
+step does little besides ``g + r_w·psf``. The state (:class:`VSAMState`) is a
 NamedTuple of fixed-size arrays and the stored PSF (a params-shaped pytree); it exposes
 ``num_sam_steps``, ``base_sr``, the current window's ``schedule`` and ``last_was_sam``.
 
@@ -130,7 +132,13 @@ import optax
 
 from agsopt import validation
 from agsopt.sam import mean_over_shards, perturbed_gradient, sam_perturbation
-from agsopt.tree_utils import key_for_state, split_state_key, tree_add_scaled, tree_norm
+from agsopt.tree_utils import (
+    key_for_state,
+    split_state_key,
+    tree_add_scaled,
+    tree_all_finite,
+    tree_norm,
+)
 
 PyTree = Any
 
@@ -322,41 +330,51 @@ def vsam(
         pos = jnp.maximum(post, 0) % window
         window_start = jnp.logical_and(~in_warmup, pos == 0)
         max_sr = jnp.floor(window * jnp.asarray(max_p, jnp.float32) + 1e-6)
-        base_sr = jnp.where(
-            window_start,
-            vsam_control(state.base_sr, state.ratio_history, state.var_history, a1, a2, max_sr),
-            state.base_sr,
+
+        def new_window(_: None) -> tuple[jax.Array, jax.Array]:
+            base_sr = vsam_control(
+                state.base_sr, state.ratio_history, state.var_history, a1, a2, max_sr
+            )
+            num_sam = jnp.floor(base_sr).astype(jnp.int32)
+            return base_sr, jax.random.permutation(schedule_key, window) < num_sam
+
+        base_sr, schedule = jax.lax.cond(
+            window_start, new_window, lambda _: (state.base_sr, state.schedule), None
         )
-        num_sam = jnp.floor(base_sr).astype(jnp.int32)
-        fresh = jax.random.permutation(schedule_key, window) < num_sam
-        schedule = jnp.where(window_start, fresh, state.schedule)
         is_sam = jnp.logical_or(in_warmup, schedule[pos])
 
-        # --- the step ------------------------------------------------------------------------
+        # --- the step; records are pushed on SAM steps only ---------------------------------
         grads = mean_over_shards(updates, axis_name)
         can_reuse = state.reuse_count < reuse_steps
         reuse_weight = jnp.where(can_reuse, state.psf_weight * beta, 0.0).astype(jnp.float32)
+        histories = (state.ratio_history, state.psf_norm_history, state.var_history)
 
         def as_dtypes(tree: PyTree, like: PyTree) -> PyTree:
             return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
-        def sam_branch(_: None) -> tuple[PyTree, PyTree]:
+        def sam_branch(_: None) -> tuple[PyTree, PyTree, tuple[jax.Array, ...]]:
             perturbation = sam_perturbation(updates, params, rho, eps=eps)
             sharp = mean_over_shards(perturbed_gradient(value_fn, params, perturbation), axis_name)
             psf = jax.tree.map(lambda s, g: s - g, sharp, grads)
-            return as_dtypes(sharp, updates), as_dtypes(psf, state.psf)
+            psf_norm = tree_norm(last_leaves(psf))
+            ratio = psf_norm / (tree_norm(last_leaves(grads)) + eps)
+            pushed_norms = _push(state.psf_norm_history, psf_norm)
+            pushed_var = _push(state.var_history, vsam_block_variance(pushed_norms, var_blocks))
+            records = (_push(state.ratio_history, ratio), pushed_norms, pushed_var)
+            # A non-finite g_s (e.g. the loss is NaN at w + ε only) is passed on as the
+            # update, but neither stored nor recorded: the state keeps its last good PSF.
+            finite = tree_all_finite(psf) & jnp.isfinite(ratio)
+            psf = jax.tree.map(lambda new, old: jnp.where(finite, new, old), psf, state.psf)
+            records = jax.tree.map(lambda new, old: jnp.where(finite, new, old), records, histories)
+            return as_dtypes(sharp, updates), as_dtypes(psf, state.psf), records
 
-        def other_branch(_: None) -> tuple[PyTree, PyTree]:
+        def other_branch(_: None) -> tuple[PyTree, PyTree, tuple[jax.Array, ...]]:
             out = tree_add_scaled(grads, reuse_weight, state.psf)  # = g exactly when weight 0
-            return as_dtypes(out, updates), state.psf
+            return as_dtypes(out, updates), state.psf, histories
 
-        out, psf = jax.lax.cond(is_sam, sam_branch, other_branch, None)
-
-        # --- records (pushed on SAM steps only) -------------------------------------------
-        psf_norm = tree_norm(last_leaves(psf))
-        ratio = psf_norm / (tree_norm(last_leaves(grads)) + eps)
-        pushed_norms = _push(state.psf_norm_history, psf_norm)
-        pushed_var = _push(state.var_history, vsam_block_variance(pushed_norms, var_blocks))
+        out, psf, (ratio_history, psf_norm_history, var_history) = jax.lax.cond(
+            is_sam, sam_branch, other_branch, None
+        )
 
         def on_sam(new: jax.Array, old: jax.Array) -> jax.Array:
             return jnp.where(is_sam, new, old)
@@ -377,9 +395,9 @@ def vsam(
             schedule=schedule,
             num_sam_steps=state.num_sam_steps + is_sam.astype(jnp.int32),
             last_was_sam=is_sam,
-            ratio_history=on_sam(_push(state.ratio_history, ratio), state.ratio_history),
-            psf_norm_history=on_sam(pushed_norms, state.psf_norm_history),
-            var_history=on_sam(pushed_var, state.var_history),
+            ratio_history=ratio_history,
+            psf_norm_history=psf_norm_history,
+            var_history=var_history,
         )
         return out, new_state
 

@@ -384,6 +384,29 @@ def test_zero_gradient_gives_finite_update():
     assert np.all(np.isfinite(np.asarray(state.ratio_history)))
 
 
+def test_nonfinite_perturbed_gradient_is_not_stored():
+    """The loss is NaN at w + ε only: the SAM step's output is NaN (the caller sees it), but
+    the stored PSF and the records keep their last finite values."""
+    opt = vsam(RHO, warmup_steps=3)
+    state = opt.init(PARAMS)
+    grads = jax.grad(quartic_loss)(PARAMS)
+    _, state = opt.update(grads, state, PARAMS, value_fn=quartic_loss)
+    good = state
+
+    def nan_away_from_w(p):
+        moved = jnp.abs(p["a"] - PARAMS["a"]).sum() > 0
+        return quartic_loss(p) * jnp.where(moved, jnp.nan, 1.0)  # NaN value and gradient
+
+    out, state = opt.update(grads, state, PARAMS, value_fn=nan_away_from_w)
+    assert bool(state.last_was_sam)
+    assert not np.all(np.isfinite(np.asarray(out["a"])))
+    for new, old in zip(jax.tree.leaves(state.psf), jax.tree.leaves(good.psf), strict=True):
+        np.testing.assert_array_equal(new, old)
+    for name in ("ratio_history", "psf_norm_history", "var_history"):
+        np.testing.assert_array_equal(getattr(state, name), getattr(good, name))
+    assert int(state.count) == 2
+
+
 def test_axis_name_averages_and_keeps_shards_identical():
     opt = vsam(RHO, warmup_steps=1, axis_name="d", last_layer=None)
     shifts = jnp.asarray([0.0, 0.4])
