@@ -408,6 +408,9 @@ def ausam(
             dlp = jax.lax.all_gather(dlp, axis_name, tiled=True)
             num_invalid = jax.lax.psum(num_invalid, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
+        # A DLP that is not finite (the loss is NaN/inf at w or w + ε for that example) is
+        # not recorded: the example's running mean keeps its finite history.
+        rec_ids = jnp.where(jnp.isfinite(dlp), rec_ids, num_examples)
         dlp_sum = state.dlp_sum.at[rec_ids].add(dlp, mode="drop")
         dlp_count = state.dlp_count.at[rec_ids].add(1, mode="drop")
         new_state = AUSAMState(

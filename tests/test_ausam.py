@@ -157,6 +157,35 @@ def test_duplicate_ids_in_a_batch_are_both_recorded():
     np.testing.assert_allclose(float(state.dlp_sum[5]), dlp[0] + dlp[1], rtol=1e-4)
 
 
+def test_nonfinite_dlp_is_not_recorded():
+    """The loss of the example at position 2 is NaN at w + ε only: every other example is
+    recorded as usual, that one keeps an empty record (count 0, sum 0)."""
+    opt = ausam(N_EXAMPLES, RHO, alpha=1.0, steps_per_epoch=5)
+    clean = make_loss()
+
+    def nan_at_position_2_when_moved(p, positions):
+        moved = jnp.abs(p["w"] - PARAMS["w"]).sum() > 0
+        losses = clean(p, positions)
+        return jnp.where(moved & (positions == 2), jnp.nan, losses)
+
+    _, state = opt.update(
+        None,
+        opt.init(PARAMS),
+        PARAMS,
+        per_example_loss_fn=nan_at_position_2_when_moved,
+        ids=IDS,
+    )
+    _, dlp, _ = expected_sam(np.arange(BATCH))
+    count = np.zeros(N_EXAMPLES, np.int64)
+    count[IDS] = 1
+    count[IDS[2]] = 0
+    np.testing.assert_array_equal(np.asarray(state.dlp_count), count)
+    expected_sum = np.zeros(N_EXAMPLES)
+    expected_sum[IDS] = dlp
+    expected_sum[IDS[2]] = 0.0
+    np.testing.assert_allclose(np.asarray(state.dlp_sum), expected_sum, rtol=1e-4, atol=1e-7)
+
+
 def test_sampling_probabilities_match_formula():
     a = np.asarray([0.3, 0.1, 0.7, 0.25, 0.7, 0.05])
     f_min, f_max_t = 0.1, 0.4
