@@ -59,14 +59,6 @@ def tree_normalize(tree: PyTree, eps: float = 1e-12) -> PyTree:
     return tree_scale(1.0 / (tree_norm(tree) + eps), tree)
 
 
-def tree_random_normal(key: jax.Array, like: PyTree, dtype: Any = jnp.float32) -> PyTree:
-    """Independent standard normal draws shaped like ``like`` (one fresh subkey per leaf)."""
-    leaves, treedef = jax.tree.flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    draws = [jax.random.normal(k, jnp.shape(x), dtype) for k, x in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, draws)
-
-
 def tree_size(tree: PyTree) -> int:
     """Total number of scalar entries over all leaves (static)."""
     return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
