@@ -271,7 +271,8 @@ def smoothed_value_and_grad(
       chunk_size: samples evaluated per ``vmap`` call; memory is O(chunk_size · d) and the
         last chunk holds the remainder, so no evaluation is wasted. ``None`` (default):
         :func:`default_chunk_size` (about 2¹⁶ floats of directions per chunk on CPU, 2²⁶ on
-        GPU/TPU). ``chunk_size=num_samples`` evaluates all samples in one ``vmap``.
+        GPU/TPU), times the number of devices of ``sample_sharding``.
+        ``chunk_size=num_samples`` evaluates all samples in one ``vmap``.
       sample_sharding: spread each chunk's samples over devices, e.g.
         ``NamedSharding(Mesh(jax.devices(), ("s",)), PartitionSpec("s"))``: the directions'
         leading (sample) axis is constrained to it and XLA partitions the evaluations and
@@ -286,6 +287,8 @@ def smoothed_value_and_grad(
     dim = tree_size(params)
     if chunk_size is None:
         chunk = default_chunk_size(dim, num_samples, orthogonal=orthogonal)
+        if sample_sharding is not None:  # a default-sized piece for every device
+            chunk = min(num_samples, chunk * len(sample_sharding.device_set))
     else:
         chunk = min(validation.check_int("chunk_size", chunk_size, minimum=1), num_samples)
     noise_dtype = _noise_dtype(params)
