@@ -148,8 +148,8 @@ def _orthogonal_directions(
 
     A last, partial block of r < b rows is the first r rows of a full block (the first r
     rows of Q depend on the first r rows of G alone, so they are distributed as the LQ of
-    an r×d block): all blocks go through one batched QR, never two at once (two
-    concurrent batched LAPACK QRs deadlocked on a 2-core CPU, jaxlib 0.10.2).
+    an r×d block): all blocks go through one batched factorization, never two at once
+    (two concurrent batched LAPACK QRs deadlocked on a 2-core CPU, jaxlib 0.10.2).
     """
     block = min(dim, count)
     num_blocks = -(-count // block)
