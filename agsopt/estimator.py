@@ -219,7 +219,10 @@ def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value):
             weights = values - base_value if method == "forward" else values
             valid = jnp.isfinite(weights)
         weights = jnp.where(valid, weights, 0.0).astype(flat_directions.dtype)
-        vector = tree_unflatten_vector(weights @ flat_directions, params)
+        # A weighted sum over the rows (not a matvec): XLA fuses it with the chunk's reads
+        # and the running total.
+        total = jnp.sum(weights[:, None] * flat_directions, axis=0)
+        vector = tree_unflatten_vector(total, params)
     value_sum = jnp.sum(jnp.where(valid, values, 0.0))
     return vector, value_sum, jnp.sum(valid, dtype=jnp.int32)
 
