@@ -1,33 +1,48 @@
 """agsopt: anisotropic Gaussian smoothing and sharpness-aware optimizers for Optax.
 
-Smoothing (arXiv:2411.11747): :func:`ags` and the aliases ``ags_gd``, ``ags_sgd``,
-``ags_adam`` with their isotropic baselines ``igs_*``; the estimator lives in
-:mod:`agsopt.estimator`, the smoothing matrices in :mod:`agsopt.covariance` and the rules
-that adapt them in :mod:`agsopt.covariance_rules`.
+Two families, each in its own subpackage, every public name re-exported here:
+
+- :mod:`agsopt.smoothing` — Gaussian smoothing (AGS, arXiv:2411.11747, and its isotropic
+  baseline IGS): the Monte Carlo estimator (:mod:`agsopt.smoothing.estimator`, also
+  importable as :mod:`agsopt.estimator`), the smoothing matrices
+  (:mod:`agsopt.covariance`), the rules that adapt them (:mod:`agsopt.covariance_rules`),
+  and :func:`ags` with the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``.
+- :mod:`agsopt.sharpness` — the SAM family: :func:`sam` (ASAM with ``adaptive=True``),
+  Bilateral SAM :func:`bsam`, and the sampled variants :func:`ausam` and :func:`vsam`.
 
 Test functions for convergence studies: :mod:`agsopt.functions`.
-
-Sharpness-aware minimization: :func:`sam` (and ASAM with ``adaptive=True``), Bilateral SAM
-:func:`bsam`, and the sampled variants :func:`ausam` and :func:`vsam`.
 """
 
-from agsopt import covariance, covariance_rules, estimator, functions, tree_utils
-from agsopt.ags import (
+from agsopt import functions, sharpness, smoothing, tree_utils
+from agsopt.sharpness import (
+    AUSAMState,
+    BSAMState,
+    SAMState,
+    VSAMState,
+    ausam,
+    bsam,
+    bsam_rho_min_schedule,
+    sam,
+    sam_perturbation,
+    vsam,
+)
+from agsopt.smoothing import (
     AGSState,
+    CovarianceRule,
+    SmoothedEstimate,
     ags,
     ags_adam,
     ags_gd,
     ags_sgd,
+    covariance,
+    covariance_rules,
+    estimator,
     igs_adam,
     igs_gd,
     igs_sgd,
+    smoothed_grad,
+    smoothed_value_and_grad,
 )
-from agsopt.ausam import AUSAMState, ausam
-from agsopt.bsam import BSAMState, bsam, bsam_rho_min_schedule
-from agsopt.covariance_rules import CovarianceRule
-from agsopt.estimator import SmoothedEstimate, smoothed_grad, smoothed_value_and_grad
-from agsopt.sam import SAMState, sam, sam_perturbation
-from agsopt.vsam import VSAMState, vsam
 
 __version__ = "0.1.0"
 
@@ -39,6 +54,7 @@ __all__ = [
     "SAMState",
     "SmoothedEstimate",
     "VSAMState",
+    "__version__",
     "ags",
     "ags_adam",
     "ags_gd",
@@ -55,8 +71,10 @@ __all__ = [
     "igs_sgd",
     "sam",
     "sam_perturbation",
+    "sharpness",
     "smoothed_grad",
     "smoothed_value_and_grad",
+    "smoothing",
     "tree_utils",
     "vsam",
 ]

@@ -63,8 +63,8 @@ import numpy as np
 import optax
 
 from agsopt import functions as fns
-from agsopt.ags import ags_adam, ags_gd
-from agsopt.estimator import evaluations_per_estimate
+from agsopt.smoothing import ags_adam, ags_gd
+from agsopt.smoothing.estimator import evaluations_per_estimate
 
 __all__ = [
     "OPTIMIZERS",

@@ -16,6 +16,21 @@ import jax.numpy as jnp
 
 PyTree = Any
 
+__all__ = [
+    "accumulation_dtype",
+    "as_key",
+    "key_for_state",
+    "split_state_key",
+    "tree_add_scaled",
+    "tree_all_finite",
+    "tree_norm",
+    "tree_normalize",
+    "tree_scale",
+    "tree_size",
+    "tree_unflatten_vector",
+    "tree_vdot",
+]
+
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """The dtype reductions over leaves of ``dtype`` are carried out in (≥ float32)."""

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from agsopt.estimator import default_chunk_size, sample_directions
+from agsopt.smoothing import default_chunk_size, sample_directions
 from agsopt.tree_utils import tree_unflatten_vector
 
 from . import common, peers

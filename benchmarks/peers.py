@@ -37,7 +37,7 @@ import optax.perturbations
 from jax.flatten_util import ravel_pytree
 
 from agsopt import covariance
-from agsopt.estimator import default_chunk_size, sample_directions, smoothed_value_and_grad
+from agsopt.smoothing import default_chunk_size, sample_directions, smoothed_value_and_grad
 from agsopt.tree_utils import tree_normalize, tree_unflatten_vector
 
 from .problems import Problem

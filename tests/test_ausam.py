@@ -12,7 +12,7 @@ import optax
 import pytest
 from shared_problems import docstring_example
 
-from agsopt.ausam import (
+from agsopt.sharpness import (
     AUSAMState,
     ausam,
     ausam_adlp,
@@ -22,7 +22,7 @@ from agsopt.ausam import (
     ausam_subset_size,
 )
 
-ausam_module = importlib.import_module("agsopt.ausam")
+ausam_module = importlib.import_module("agsopt.sharpness._ausam")
 
 RHO = 0.1
 N_EXAMPLES, BATCH, DIM, CLASSES = 40, 8, 3, 4

@@ -19,7 +19,7 @@ import pytest
 from flax import serialization
 
 import agsopt
-from agsopt.ausam import ausam
+from agsopt.sharpness import ausam
 
 NUM_EXAMPLES, BATCH, STEPS, INTERRUPT = 16, 8, 6, 3
 _rng = np.random.default_rng(0)

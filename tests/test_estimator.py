@@ -24,8 +24,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from agsopt import covariance
-from agsopt import estimator as estimator_module
-from agsopt.estimator import default_chunk_size, smoothed_grad, smoothed_value_and_grad
+from agsopt.smoothing import default_chunk_size, smoothed_grad, smoothed_value_and_grad
+from agsopt.smoothing import directions as directions_module
 from agsopt.tree_utils import tree_unflatten_vector
 
 METHODS = ("antithetic", "forward", "plain", "first_order")
@@ -414,7 +414,7 @@ def test_linear_orthogonal_mse_partial_block():
 def test_cholesky_qr_branch_equals_householder_qr():
     """Wide blocks use CholeskyQR2: the same rows as Householder QR of Gᵀ, diag(R) > 0."""
     gaussian = jax.random.normal(jax.random.key(22), (40, 300))
-    wide = estimator_module._cholesky_qr2(gaussian, gaussian @ gaussian.T)
+    wide = directions_module._cholesky_qr2(gaussian, gaussian @ gaussian.T)
     q, r = np.linalg.qr(np.asarray(gaussian, np.float64).T)
     np.testing.assert_allclose(wide, (q * np.sign(np.diag(r))).T, atol=2e-5)
     np.testing.assert_allclose(wide @ wide.T, np.eye(40), atol=2e-5)

@@ -255,7 +255,7 @@ def _ausam_check(out, mesh, params, per_example, x_all, y_all, shards) -> None:
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from agsopt.ausam import ausam
+    from agsopt.sharpness import ausam
 
     # AUSAM, first (full-batch) epoch, check_vma=False
     num_examples = x_all.shape[0]

@@ -29,8 +29,7 @@ import optax
 import pytest
 
 import agsopt
-from agsopt.ausam import ausam
-from agsopt.sam import sam_perturbation
+from agsopt.sharpness import ausam, sam_perturbation
 from agsopt.tree_utils import tree_norm
 
 LOW = {"bf16": jnp.bfloat16, "f16": jnp.float16}

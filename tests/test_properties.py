@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agsopt
-from agsopt.ausam import ausam
+from agsopt.sharpness import ausam
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 SHAPES = ((), (1,), (3,), (2, 3), (2, 1, 2))

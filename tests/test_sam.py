@@ -9,7 +9,7 @@ import optax
 import pytest
 from shared_problems import COEF, make_params, np_norm, quartic_grad_np, quartic_loss, to_np
 
-from agsopt.sam import sam
+from agsopt.sharpness import sam
 
 RHO = 0.05
 

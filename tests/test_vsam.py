@@ -12,7 +12,7 @@ import optax
 import pytest
 from shared_problems import docstring_example
 
-from agsopt.vsam import (
+from agsopt.sharpness import (
     VSAMState,
     vsam,
     vsam_block_variance,
@@ -20,7 +20,7 @@ from agsopt.vsam import (
     vsam_relative_change,
 )
 
-vsam_module = importlib.import_module("agsopt.vsam")
+vsam_module = importlib.import_module("agsopt.sharpness._vsam")
 
 RHO = 0.05
 BETA = 0.7

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agsopt import validation
-from agsopt.sam import mean_over_shards, perturbed_gradient, sam_perturbation
+from agsopt import _validation as validation
+from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
 from agsopt.tree_utils import accumulation_dtype, tree_norm, tree_scale
 
 PyTree = Any

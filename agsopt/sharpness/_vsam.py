@@ -5,7 +5,7 @@ plain gradient plus the Projection of the Second-order matrix onto the First-ord
 (PSF). vSAM (reference code github.com/ajiaaa/vSAM, read, not copied) computes the PSF as
 the finite difference ``psf = g_s − g`` on sampled *SAM steps* only, reuses it with a decaying
 weight on the steps in between, and adapts how many SAM steps it takes from how fast the PSF
-changes. ``update`` receives ``g = ∇L(w)`` as its updates, like :func:`agsopt.sam.sam`::
+changes. ``update`` receives ``g = ∇L(w)`` as its updates, like :func:`agsopt.sam`::
 
     SAM step:    ε = ρ g/(‖g‖ + eps);  g_s = ∇L(w + ε);  psf ← g_s − g;  output g_s;  r_w ← 1
                  record  ratio = ‖psf‖_last/(‖g‖_last + eps)  and  ‖psf‖_last
@@ -51,7 +51,7 @@ Example — a complete training loop::
     import numpy as np
     import optax
 
-    from agsopt.vsam import vsam
+    from agsopt import vsam
 
     rng = np.random.default_rng(0)
     x_all = rng.normal(size=(2048, 16)).astype(np.float32)
@@ -130,8 +130,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agsopt import validation
-from agsopt.sam import mean_over_shards, perturbed_gradient, sam_perturbation
+from agsopt import _validation as validation
+from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
 from agsopt.tree_utils import (
     key_for_state,
     split_state_key,

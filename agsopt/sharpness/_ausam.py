@@ -51,7 +51,7 @@ Example — a complete training loop (plain-JAX MLP; the data loader yields data
     import numpy as np
     import optax
 
-    from agsopt.ausam import ausam
+    from agsopt import ausam
 
     n, dim, classes, batch = 2048, 16, 4, 128
     rng = np.random.default_rng(0)
@@ -125,7 +125,7 @@ Deviations from the reference, and why:
   record stays identical.
 - The perturbed pass needs the per-example losses as well as the gradient, so it calls
   ``jax.value_and_grad(..., has_aux=True)`` at ``w + ε`` instead of
-  :func:`agsopt.sam.perturbed_gradient` (which returns the gradient only).
+  :func:`agsopt.sharpness.perturbed_gradient` (which returns the gradient only).
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agsopt import validation
-from agsopt.sam import mean_over_shards, sam_perturbation
+from agsopt import _validation as validation
+from agsopt.sharpness._perturbation import mean_over_shards, sam_perturbation
 from agsopt.tree_utils import key_for_state, split_state_key, tree_add_scaled
 
 PyTree = Any

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agsopt import validation
-from agsopt.covariance_rules import CovarianceRule, get_rule
-from agsopt.estimator import METHODS, smoothed_value_and_grad
+from agsopt import _validation as validation
+from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
+from agsopt.smoothing.estimator import METHODS, smoothed_value_and_grad
 from agsopt.tree_utils import key_for_state, split_state_key
 
 PyTree = Any

@@ -1,0 +1,54 @@
+"""Gaussian smoothing: the estimator, the smoothing matrices, the rules that adapt them,
+and the ``ags`` transformation (AGS, arXiv:2411.11747; IGS is the isotropic case).
+
+- :mod:`agsopt.smoothing.estimator`: Monte Carlo estimates of f_Σ and ∇f_Σ (pure functions).
+- :mod:`agsopt.smoothing.directions`: the search directions the estimator draws.
+- :mod:`agsopt.smoothing.covariance`: smoothing matrices Σ.
+- :mod:`agsopt.smoothing.covariance_rules`: how Σ adapts from step to step.
+- :func:`ags` and the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``.
+"""
+
+from agsopt.smoothing import covariance, covariance_rules, directions, estimator
+from agsopt.smoothing._ags import (
+    DEFAULT_COVARIANCE,
+    AGSState,
+    ags,
+    ags_adam,
+    ags_gd,
+    ags_sgd,
+    igs_adam,
+    igs_gd,
+    igs_sgd,
+)
+from agsopt.smoothing.covariance_rules import CovarianceRule
+from agsopt.smoothing.directions import sample_directions
+from agsopt.smoothing.estimator import (
+    SmoothedEstimate,
+    default_chunk_size,
+    evaluations_per_estimate,
+    smoothed_grad,
+    smoothed_value_and_grad,
+)
+
+__all__ = [
+    "DEFAULT_COVARIANCE",
+    "AGSState",
+    "CovarianceRule",
+    "SmoothedEstimate",
+    "ags",
+    "ags_adam",
+    "ags_gd",
+    "ags_sgd",
+    "covariance",
+    "covariance_rules",
+    "default_chunk_size",
+    "directions",
+    "estimator",
+    "evaluations_per_estimate",
+    "igs_adam",
+    "igs_gd",
+    "igs_sgd",
+    "sample_directions",
+    "smoothed_grad",
+    "smoothed_value_and_grad",
+]
