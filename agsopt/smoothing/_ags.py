@@ -39,7 +39,7 @@ class AGSState(NamedTuple):
       key: raw PRNG key data (``jax.random.key_data``), split at every step.
       count: steps taken (drives a σ schedule).
       rule_state: the covariance rule's state.
-      value: the last Monte Carlo estimate of the smoothed loss f_Σ.
+      value: the last Monte Carlo estimate of the smoothed loss f_Σ (0 before the first step).
       num_evaluations: function evaluations spent so far (all steps).
       num_nonfinite: samples left out so far because the loss was not finite.
     """
@@ -114,7 +114,7 @@ def ags(
             key=key_data,
             count=jnp.zeros((), jnp.int32),
             rule_state=rule.init(params),
-            value=jnp.full((), jnp.nan, jnp.float32),
+            value=jnp.zeros((), jnp.float32),  # finite: multi-process device_put compares
             num_evaluations=jnp.zeros((), jnp.int32),
             num_nonfinite=jnp.zeros((), jnp.int32),
         )
