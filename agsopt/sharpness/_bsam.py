@@ -8,36 +8,43 @@ max-sharpness. Per step, on one minibatch, with ``g = ∇L(w)`` and ``ĝ = g/(�
     g_min = ∇L(w − ρ_min ĝ)                     (the descent point reuses ĝ)
     d     = g_max + g − (‖g_max‖ / ‖g_min‖) g_min
 
-and the base optimizer steps the *original* ``w`` with ``d``. The reference setting ties
-``ρ_min`` to the learning rate (see :func:`bsam_rho_min_schedule`).
+and, as the paper writes it, the base optimizer steps the *original* ``w`` with ``d``.
+The authors' training code instead steps from the min point ``w − ρ_min ĝ``
+(``step_from="min_point"``); its ρ_min follows the learning rate
+(:func:`bsam_rho_min_schedule`, :func:`bsam_reference_schedules`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
+from agsopt.sharpness._perturbation import (
+    Radius,
+    check_radius,
+    mean_over_shards,
+    perturbed_gradient,
+    radius_at,
+)
 from agsopt.tree_utils import accumulation_dtype, tree_norm, tree_scale
 
 PyTree = Any
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+StepFrom = Literal["params", "min_point"]
+
+__all__ = ["BSAMState", "bsam", "bsam_reference_schedules", "bsam_rho_min_schedule"]
 
 
 class BSAMState(NamedTuple):
-    """State of :func:`bsam`: the number of steps taken (the argument of ρ schedules)."""
+    """State of :func:`bsam`: the step count (the argument of ρ schedules) and the state of
+    the wrapped ``base`` optimizer (an empty tuple when there is none)."""
 
     count: jax.Array
-
-
-def _value_at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array | float:
-    """A constant, or a schedule ``count -> value`` evaluated at ``count``."""
-    return value(count) if callable(value) else value
+    base_state: Any = ()
 
 
 def bsam_rho_min_schedule(
@@ -52,16 +59,21 @@ def bsam_rho_min_schedule(
 
     ``ρ_min(t) = ρ_lo + (ρ_hi − ρ_lo) · (lr(t) − lr_min) / (lr_max − lr_min)``
 
-    so ρ_min moves in proportion to the learning rate: with the reference cosine schedule
-    from ``lr_max = 0.05`` to ``lr_min = 0`` it decays from ``rho_hi = 0.05`` to
-    ``rho_lo = 0``. Pass the same learning-rate schedule the base optimizer uses; the
-    result is an Optax schedule ``count -> ρ_min`` for :func:`bsam`'s ``rho_min``. It stays
-    in ``[min(ρ_lo, ρ_hi), max(ρ_lo, ρ_hi)]`` as long as ``lr(t)`` stays in
-    ``[lr_min, lr_max]``.
+    so ρ_min moves in proportion to the learning rate *of the same step*: with the
+    reference cosine schedule from ``lr_max = 0.05`` to ``lr_min = 0`` it decays from
+    ``rho_hi = 0.05`` to ``rho_lo = 0``. Pass the learning-rate schedule the base optimizer
+    uses; the result is an Optax schedule ``count -> ρ_min`` for :func:`bsam`'s
+    ``rho_min``. It stays in ``[min(ρ_lo, ρ_hi), max(ρ_lo, ρ_hi)]`` as long as ``lr(t)``
+    stays in ``[lr_min, lr_max]``.
 
-    (The reference code updates ρ_min after each step from the previous step's learning
-    rate, i.e. one step late, and uses ρ_min = 0 on the very first step. Here step ``t``
-    uses ``lr(t)``, the learning rate of that same step.)
+    Timing in the reference code (ajiaaa/BSAM, ``ProportionScheduler``): after every step
+    it advances the learning-rate scheduler and then sets ρ_min from the learning rate just
+    set, so on each step ``k ≥ 1`` ρ_min and the learning rate belong together, as here. It
+    is the *learning rate* that lags: step ``k`` uses the cosine's value at ``k − 1`` (the
+    scheduler is first advanced after step 0, which runs at the optimizer's initial
+    ``lr_max``). On step 0 the reference ρ_min is ``ρ_lo`` (computed from the scheduler's
+    initial value 0 before its first advance), not ``ρ_hi``.
+    :func:`bsam_reference_schedules` returns both schedules with exactly this timing.
 
     Args:
       learning_rate: the base optimizer's learning-rate schedule (or a constant).
@@ -81,43 +93,106 @@ def bsam_rho_min_schedule(
         validation.check_positive("learning_rate", learning_rate, allow_zero=True)
 
     def schedule(count: jax.Array) -> jax.Array:
-        lr = _value_at(learning_rate, count)
+        lr = radius_at(learning_rate, count)
         return rho_lo + (rho_hi - rho_lo) * (lr - lr_min) / (lr_max - lr_min)
 
     return schedule
 
 
+def bsam_reference_schedules(
+    total_steps: int,
+    *,
+    lr_max: float = 0.05,
+    lr_min: float = 0.0,
+    rho_hi: float = 0.05,
+    rho_lo: float = 0.0,
+) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
+    """The learning rate and ρ_min of the BSAM reference script, step for step.
+
+    The reference (ajiaaa/BSAM ``train_bsam.py``: ``CosineScheduler`` with
+    ``T_max = total_steps`` and no warm-up, ``ProportionScheduler`` for ρ_min) gives, with
+    ``c(j) = lr_min + (lr_max − lr_min)(1 + cos(π j / total_steps))/2`` and
+    ``P(lr) = ρ_lo + (ρ_hi − ρ_lo)(lr − lr_min)/(lr_max − lr_min)``, on step ``k``
+    (0-based, counted over all epochs)::
+
+        lr(k)     = c(max(k − 1, 0))
+        ρ_min(k)  = P(lr(k))  for k ≥ 1,     ρ_min(0) = P(0)
+
+    Returns ``(learning_rate, rho_min)``, two Optax schedules: pass the first to the base
+    optimizer and the second to :func:`bsam`'s ``rho_min``. ``total_steps`` is the
+    reference's ``epochs · len(train_loader)``.
+    """
+    total_steps = validation.check_int("total_steps", total_steps, minimum=1)
+    validation.check_positive("lr_max", lr_max)
+    validation.check_positive("lr_min", lr_min, allow_zero=True)
+    if float(lr_max) <= float(lr_min):
+        raise ValueError(f"lr_max must exceed lr_min, got lr_max={lr_max}, lr_min={lr_min}")
+
+    def learning_rate(count: jax.Array) -> jax.Array:
+        j = jnp.clip(jnp.asarray(count) - 1, 0, total_steps)
+        return lr_min + (lr_max - lr_min) * (1.0 + jnp.cos(jnp.pi * j / total_steps)) / 2.0
+
+    proportional = bsam_rho_min_schedule(
+        learning_rate, lr_max, rho_hi=rho_hi, rho_lo=rho_lo, lr_min=lr_min
+    )
+
+    def rho_min(count: jax.Array) -> jax.Array:
+        first = rho_lo + (rho_hi - rho_lo) * (0.0 - lr_min) / (lr_max - lr_min)
+        return jnp.where(jnp.asarray(count) == 0, first, proportional(count))
+
+    return learning_rate, rho_min
+
+
 def bsam(
-    rho_max: ScalarOrSchedule = 0.05,
-    rho_min: ScalarOrSchedule = 0.05,
+    rho_max: Radius = 0.05,
+    rho_min: Radius = 0.05,
     *,
     eps: float = 1e-12,
     axis_name: str | None = None,
+    base: optax.GradientTransformation | None = None,
+    step_from: StepFrom = "params",
 ) -> optax.GradientTransformationExtraArgs:
     """Bilateral SAM, BSAM (arXiv:2409.13173).
 
     ``update`` receives ``g = ∇L(w)`` as its updates, evaluates two more gradients of the
-    keyword extra argument ``value_fn`` on the same minibatch, and returns::
+    keyword extra argument ``value_fn`` on the same minibatch, and forms::
 
         ĝ     = g / (‖g‖ + eps)
         g_max = ∇L(w + ρ_max ĝ)
         g_min = ∇L(w − ρ_min ĝ)
-        d     = g_max + g − ‖g_max‖ / (‖g_min‖ + eps) · g_min
+        d     = g_max + g − (‖g_max‖ / ‖g_min‖) · g_min     (ratio := 0 when g_min = 0)
 
-    Norms run over the whole pytree and are accumulated in float32; ``d`` is formed in
-    float32 and cast back to the gradients' dtype. A zero gradient gives ``ĝ = 0`` and a
-    finite ``d``. ``ρ_max = ρ_min = 0`` returns ``g`` (all three gradients coincide).
+    Norms run over the whole pytree and are accumulated in at least float32; ``d`` is
+    formed there and cast back to the gradients' dtype. A zero gradient gives ``ĝ = 0``
+    and a finite ``d``. ``ρ_max = ρ_min = 0`` returns ``g`` (all three gradients coincide).
 
-    Reference setting (the paper's CIFAR experiments and its public code): ``rho_max=0.05``
-    constant; ``rho_min`` from 0.05 to 0 in proportion to a cosine learning rate
-    (:func:`bsam_rho_min_schedule`); base optimizer SGD with lr 0.05, momentum 0.9 and
-    weight decay 1e-3 (coupled, i.e. added to ``d`` by the base optimizer, not inside the
-    perturbed losses); batch 128; BatchNorm statistics from the first (unperturbed) pass
-    only. In Optax::
+    Where the base optimizer steps from (``step_from``):
+
+    - ``"params"`` (default; the algorithm as the paper writes it): the base optimizer
+      steps the original ``w`` with ``d``. Without ``base``, ``update`` returns ``d`` and is
+      chained in front of the base optimizer; with ``base`` it returns ``base``'s updates
+      for ``d`` at ``w`` (the same thing as the chain).
+    - ``"min_point"`` (the authors' public code, ajiaaa/BSAM, which produced the paper's
+      published numbers): the base optimizer steps from the min point
+      ``w_min = w − ρ_min ĝ``, with ``d`` as its gradient and ``w_min`` as its params (so
+      weight decay is computed at ``w_min``), and the new parameters are ``w_min`` plus its
+      update: ``update`` returns ``(w_min − w) + base.update(d, ·, w_min)``, so that
+      ``optax.apply_updates(w, ·)`` ends at the reference's parameters (even at learning
+      rate 0 the parameters move by ``−ρ_min ĝ``). This needs ``base``: the whole base
+      optimizer, weight decay included, wrapped by ``bsam``.
+
+    The reference recipe, exact step for step (its ρ_min timing included)::
+
+        lr, rho_min = agsopt.bsam_reference_schedules(epochs * steps_per_epoch)
+        opt = agsopt.bsam(0.05, rho_min, step_from="min_point", base=optax.chain(
+            optax.add_decayed_weights(1e-3), optax.sgd(lr, momentum=0.9)))
+
+    (batch 128, BatchNorm statistics from the first pass only, label smoothing 0.1.) The
+    paper's algorithm with the same hyperparameters::
 
         lr = optax.cosine_decay_schedule(0.05, decay_steps=total_steps)
         opt = optax.chain(
-            agsopt.bsam(rho_max=0.05, rho_min=bsam_rho_min_schedule(lr, 0.05)),
+            agsopt.bsam(0.05, agsopt.bsam_rho_min_schedule(lr, 0.05)),
             optax.add_decayed_weights(1e-3),
             optax.sgd(lr, momentum=0.9),
         )
@@ -129,26 +204,39 @@ def bsam(
       rho_max: radius of the ascent point (≥ 0), a number or a schedule ``count -> ρ``.
       rho_min: radius of the descent point (≥ 0), a number or a schedule ``count -> ρ``
         (evaluated at this transformation's own step count, starting at 0).
-      eps: added to ‖g‖ and to ‖g_min‖ so that zero gradients give finite updates.
+      eps: added to ‖g‖ so that a zero gradient gives finite updates.
       axis_name: m-sharpness under ``shard_map``/``pmap``/named ``vmap``. Pass the *local*
         (un-reduced) gradient: each shard normalizes its own ``g``, evaluates its own
-        ``g_max`` and ``g_min`` and forms its own ``d`` with its own norm ratio
-        ``‖g_max‖/‖g_min‖``; only the final ``d`` is averaged over ``axis_name``. This makes
-        BSAM over ``n`` shards exactly the mean of ``n`` single-device BSAM steps on the
-        shards' minibatches (the reference computes the ratio per minibatch as well), and
-        costs one all-reduce per step.
+        ``g_max`` and ``g_min`` and forms its own ``d`` with its own norm ratio; only the
+        final ``d`` is averaged over ``axis_name`` (and, with ``"min_point"``, the shift
+        ``−ρ_min ĝ``, so that replicas stay equal). This makes BSAM over ``n`` shards the
+        mean of ``n`` single-device BSAM directions on the shards' minibatches.
+      base: an Optax transformation for ``bsam`` to wrap (it then returns final updates);
+        required by ``step_from="min_point"``. It receives the other extra arguments too.
+      step_from: ``"params"`` or ``"min_point"``, see above.
 
     Raises:
-      ValueError: a concrete ``rho_max``, ``rho_min`` or ``eps`` that is negative
-        (``eps``: not positive) or not finite.
+      ValueError / TypeError: a ``rho_max`` or ``rho_min`` that is not a finite number ≥ 0
+        or a schedule returning one at count 0; a non-positive ``eps``; an unknown
+        ``step_from``; ``step_from="min_point"`` without ``base``.
     """
-    validation.check_positive("rho_max", rho_max, allow_zero=True)
-    validation.check_positive("rho_min", rho_min, allow_zero=True)
+    check_radius("rho_max", rho_max)
+    check_radius("rho_min", rho_min)
     validation.check_positive("eps", eps)
+    validation.check_choice("step_from", step_from, ("params", "min_point"))
+    if base is not None and not (hasattr(base, "init") and hasattr(base, "update")):
+        raise TypeError(f"base must be an optax.GradientTransformation, got {type(base).__name__}")
+    if step_from == "min_point" and base is None:
+        raise ValueError(
+            "step_from='min_point' needs base=<the base optimizer>: it must step from "
+            "w − ρ_min ĝ (weight decay included), which a transformation chained in front "
+            "of it cannot arrange"
+        )
+    inner = None if base is None else optax.with_extra_args_support(base)
 
     def init_fn(params: PyTree) -> BSAMState:
-        del params
-        return BSAMState(count=jnp.zeros((), jnp.int32))
+        base_state = () if inner is None else inner.init(params)
+        return BSAMState(count=jnp.zeros((), jnp.int32), base_state=base_state)
 
     def update_fn(
         updates: PyTree,
@@ -158,25 +246,53 @@ def bsam(
         value_fn: Callable[[PyTree], jax.Array] | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, BSAMState]:
-        del extra_args
         value_fn = validation.require_value_fn(value_fn, "agsopt.bsam")
         if params is None:
             raise TypeError("agsopt.bsam: update() needs params")
-        r_max = _value_at(rho_max, state.count)
-        r_min = _value_at(rho_min, state.count)
+        r_max = radius_at(rho_max, state.count)
+        r_min = radius_at(rho_min, state.count)
 
-        unit = sam_perturbation(updates, params, 1.0, eps=eps)  # ĝ, shared by both points
-        g_max = perturbed_gradient(value_fn, params, tree_scale(r_max, unit))
-        g_min = perturbed_gradient(value_fn, params, tree_scale(-r_min, unit))
-        ratio = tree_norm(g_max) / (tree_norm(g_min) + eps)
+        g_norm = tree_norm(updates) + eps
+        to_max = tree_scale(r_max / g_norm, updates)  # ρ_max ĝ
+        to_min = tree_scale(-r_min / g_norm, updates)  # −ρ_min ĝ, the same ĝ
+        g_max = perturbed_gradient(value_fn, params, to_max)
+        g_min = perturbed_gradient(value_fn, params, to_min)
+        max_norm, min_norm = tree_norm(g_max), tree_norm(g_min)
+        ratio = jnp.where(min_norm > 0, max_norm / jnp.where(min_norm > 0, min_norm, 1), 0)
 
         def combine(gmax: jax.Array, g: jax.Array, gmin: jax.Array) -> jax.Array:
             acc = accumulation_dtype(g.dtype)
-            d = gmax.astype(acc) + g.astype(acc) - ratio * gmin.astype(acc)
+            d = gmax.astype(acc) + g.astype(acc) - ratio.astype(acc) * gmin.astype(acc)
             return d.astype(g.dtype)
 
         direction = jax.tree.map(combine, g_max, updates, g_min)
         direction = mean_over_shards(direction, axis_name)
-        return direction, BSAMState(count=optax.safe_increment(state.count))
+        count = optax.safe_increment(state.count)
+        if inner is None:
+            return direction, BSAMState(count=count, base_state=())
+
+        if step_from == "params":
+            base_updates, base_state = inner.update(
+                direction, state.base_state, params, value_fn=value_fn, **extra_args
+            )
+            return base_updates, BSAMState(count=count, base_state=base_state)
+
+        shift = mean_over_shards(to_min, axis_name)
+        min_point = jax.tree.map(
+            lambda w, s: (w.astype(accumulation_dtype(w.dtype)) + s).astype(w.dtype),
+            params,
+            shift,
+        )
+        base_updates, base_state = inner.update(
+            direction, state.base_state, min_point, value_fn=value_fn, **extra_args
+        )
+
+        def total(w: jax.Array, w_min: jax.Array, u: jax.Array) -> jax.Array:
+            acc = accumulation_dtype(w.dtype)
+            moved = (w_min.astype(acc) - w.astype(acc)) + u.astype(acc)
+            return moved.astype(u.dtype)
+
+        final = jax.tree.map(total, params, min_point, base_updates)
+        return final, BSAMState(count=count, base_state=base_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -2,7 +2,11 @@
 and the m-sharpness average over shards.
 
 SAM (arXiv:2010.01412): ``ε = ρ g / (‖g‖ + eps)``; ASAM (arXiv:2102.11600):
-``ε = ρ T² g / (‖T g‖ + eps)`` with ``T = |w| + η`` elementwise.
+``ε = ρ T² g / (‖T g‖ + eps)`` with ``T = |w| + η`` elementwise on the leaves an
+``adaptive_mask`` selects and ``T = 1`` on the others.
+
+Radii may be schedules ``count -> ρ`` (Optax's convention); :func:`check_radius` validates
+them at construction and :func:`radius_at` evaluates them in ``update``.
 """
 
 from __future__ import annotations
@@ -12,12 +16,89 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
+from agsopt import _validation as validation
 from agsopt.tree_utils import accumulation_dtype, tree_add_scaled, tree_norm, tree_scale
 
 PyTree = Any
+Radius = float | jax.Array | Callable[[jax.Array], jax.Array]
+Mask = PyTree | Callable[[PyTree], PyTree]
 
-__all__ = ["mean_over_shards", "perturbed_gradient", "sam_perturbation"]
+__all__ = [
+    "check_radius",
+    "fill_masked_params",
+    "mean_over_shards",
+    "perturbed_gradient",
+    "radius_at",
+    "resolve_mask",
+    "sam_perturbation",
+]
+
+
+def check_radius(name: str, value: Radius) -> None:
+    """Validate a radius at construction: a finite scalar ≥ 0, or a schedule ``count -> ρ``.
+
+    A schedule is called once at ``count = 0`` (Optax schedules are pure functions) and
+    must return a finite scalar ≥ 0 there; later values are not inspected. Traced values
+    (``optax.inject_hyperparams``) pass unchecked. Errors name the argument.
+    """
+    if callable(value):
+        try:
+            first = value(jnp.zeros((), jnp.int32))
+        except Exception as err:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(
+                f"{name}: a schedule must be a function count -> radius; calling it at "
+                f"count 0 failed with {type(err).__name__}: {err}"
+            ) from err
+        if jnp.ndim(first) != 0:
+            raise ValueError(
+                f"{name}: a schedule must return a scalar, got shape {jnp.shape(first)}"
+            )
+        validation.check_positive(f"{name}(0)", first, allow_zero=True)
+        return
+    if value is None or isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number or a schedule count -> number, got {value!r}")
+    validation.check_positive(name, value, allow_zero=True)
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+
+
+def radius_at(value: Radius, count: jax.Array) -> jax.Array | float:
+    """A constant radius, or a schedule ``count -> ρ`` evaluated at the step ``count``."""
+    return value(count) if callable(value) else value
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def resolve_mask(name: str, mask: Mask | None, params: PyTree) -> PyTree:
+    """A per-leaf tree of Python bools shaped like ``params`` (Optax's mask convention).
+
+    ``mask`` is None (every leaf selected), a pytree of bools with the structure of
+    ``params`` or a prefix of it (a bool covers its whole subtree), or a callable
+    ``params -> such a pytree``. Leaves that ``optax.masked`` replaced by
+    ``optax.MaskedNode`` stay ``MaskedNode``.
+    """
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    tree = mask(params) if callable(mask) else mask
+
+    def check(m: Any) -> bool:
+        if isinstance(m, (bool, np.bool_)):
+            return bool(m)
+        raise TypeError(
+            f"{name}: mask leaves must be Python bools (Optax's convention), got {type(m).__name__}"
+        )
+
+    try:
+        return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: check(m), sub), tree, params)
+    except ValueError as err:
+        raise ValueError(
+            f"{name} must have the structure of the parameters (or a prefix of it): {err}"
+        ) from err
 
 
 def sam_perturbation(
@@ -28,34 +109,94 @@ def sam_perturbation(
     adaptive: bool = False,
     eta: float = 0.01,
     eps: float = 1e-12,
+    adaptive_mask: Mask | None = None,
 ) -> PyTree:
     """The ascent step ε of SAM (``adaptive=False``) or ASAM (``adaptive=True``).
 
     SAM: ``ε = ρ g / (‖g‖ + eps)``. ASAM (Kwon et al., arXiv:2102.11600):
-    ``ε = ρ T² g / (‖T g‖ + eps)`` with ``T = |w| + η`` elementwise. A zero gradient gives
-    ``ε = 0``. Norms are accumulated in float32; ``ε`` has the dtypes of ``grads``.
+    ``ε = ρ T² g / (‖T g‖ + eps)`` elementwise, with ``T = |w| + η`` on the leaves that
+    ``adaptive_mask`` selects (all leaves when it is None) and ``T = 1`` on the others; the
+    norm runs over every leaf. A zero gradient gives ``ε = 0``. Norms are accumulated in at
+    least float32; ``ε`` has the dtypes of ``grads``. Leaves that ``optax.masked`` hides
+    (``optax.MaskedNode``) carry no entries and take no part in the norm.
     """
     if not adaptive:
         return tree_scale(rho / (tree_norm(grads) + eps), grads)
 
-    def _f32(x):
+    selected = resolve_mask("adaptive_mask", adaptive_mask, params)
+
+    def _acc(x):
         return x.astype(accumulation_dtype(x.dtype))
 
-    scaled = jax.tree.map(lambda g, w: (jnp.abs(_f32(w)) + eta) * _f32(g), grads, params)
+    def scale_of(m: bool, w: jax.Array) -> jax.Array:
+        return jnp.abs(_acc(w)) + eta if m else jnp.ones((), accumulation_dtype(w.dtype))
+
+    scales = jax.tree.map(scale_of, selected, params)
+    scaled = jax.tree.map(lambda t, g: t * _acc(g), scales, grads)
     factor = rho / (tree_norm(scaled) + eps)
-    return jax.tree.map(
-        lambda s, w, g: (factor * (jnp.abs(_f32(w)) + eta) * s).astype(g.dtype),
-        scaled,
-        params,
-        grads,
-    )
+    return jax.tree.map(lambda t, s, g: (factor * t * s).astype(g.dtype), scales, scaled, grads)
 
 
 def perturbed_gradient(
     value_fn: Callable[[PyTree], jax.Array], params: PyTree, perturbation: PyTree
 ) -> PyTree:
-    """``∇L(w + ε)``: the gradient of ``value_fn`` at the perturbed parameters."""
-    return jax.grad(value_fn)(tree_add_scaled(params, 1.0, perturbation))
+    """``∇L(w + ε)``: the gradient of ``value_fn`` at the perturbed parameters.
+
+    Under ``optax.masked`` / ``optax.multi_transform`` the parameters arrive with
+    ``optax.MaskedNode`` in place of the leaves of other groups; ``value_fn`` then receives
+    such a tree and must fill it in (see :func:`fill_masked_params`). A ``TypeError`` from a
+    ``value_fn`` that cannot is re-raised with that advice.
+    """
+    point = tree_add_scaled(params, 1.0, perturbation)
+    masked = any(_is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=_is_masked_node))
+    if not masked:
+        return jax.grad(value_fn)(point)
+    try:
+        return jax.grad(value_fn)(point)
+    except TypeError as err:
+        raise TypeError(
+            "value_fn received parameters with optax.MaskedNode leaves: this SAM-family "
+            "transformation runs inside optax.masked or optax.multi_transform, which hide "
+            "the other groups' parameters. Pass "
+            "value_fn=agsopt.fill_masked_params(loss, params) (it fills them in from the "
+            "full parameters), or chain the transformation in front of multi_transform. "
+            f"Original error: {err}"
+        ) from err
+
+
+def fill_masked_params(
+    value_fn: Callable[[PyTree], jax.Array], params: PyTree
+) -> Callable[[PyTree], jax.Array]:
+    """``value_fn`` made to accept parameter trees in which ``optax.masked`` hid leaves.
+
+    Under ``optax.masked(inner, mask)`` (and so in each group of ``optax.multi_transform``)
+    ``inner`` sees the parameters with ``optax.MaskedNode`` in place of the unselected
+    leaves, and the SAM family evaluates ``value_fn`` at such a (perturbed) tree. The
+    returned function replaces every ``MaskedNode`` by the corresponding leaves of the full
+    ``params`` (held fixed) and calls ``value_fn`` on the full tree; a tree without
+    ``MaskedNode`` passes through unchanged, so the same function serves every group::
+
+        opt = optax.multi_transform(
+            {"sam": optax.chain(agsopt.sam(0.05), optax.sgd(0.1)), "plain": optax.adam(1e-3)},
+            labels)
+        updates, state = opt.update(grads, state, params,
+                                    value_fn=agsopt.fill_masked_params(loss, params))
+
+    The selected group then gets SAM's gradient with ε on its own leaves only (the norm
+    over those leaves), the other leaves held at ``w``; gradients are taken with respect
+    to the selected leaves only.
+    """
+
+    def filled(partial: PyTree) -> jax.Array:
+        full = jax.tree.map(
+            lambda part, leaf: leaf if _is_masked_node(part) else part,
+            partial,
+            params,
+            is_leaf=_is_masked_node,
+        )
+        return value_fn(full)
+
+    return filled
 
 
 def mean_over_shards(tree: PyTree, axis_name: str | None) -> PyTree:

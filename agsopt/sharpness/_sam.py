@@ -6,6 +6,9 @@ SAM minimizes ``max_{‖ε‖≤ρ} L(w + ε)``. Its one-step approximation of t
     ε = ρ g / (‖g‖ + eps),        g = ∇L(w)                       (SAM)
     ε = ρ T_w² g / (‖T_w g‖ + eps),  T_w = |w| + η  elementwise     (ASAM)
 
+(ASAM's ``T_w`` may be restricted to some leaves, ``T = 1`` on the rest: the authors' code
+scales weights but not biases.) ρ may be an Optax schedule of the step count.
+
 and the gradient handed to the base optimizer is ``g_s = ∇L(w + ε)``, which then steps
 the *original* ``w``. The perturbation uses the minibatch of ``g``: the caller's
 ``value_fn`` closes over it.
@@ -20,7 +23,15 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
+from agsopt.sharpness._perturbation import (
+    Mask,
+    Radius,
+    check_radius,
+    mean_over_shards,
+    perturbed_gradient,
+    radius_at,
+    sam_perturbation,
+)
 
 PyTree = Any
 
@@ -32,11 +43,12 @@ class SAMState(NamedTuple):
 
 
 def sam(
-    rho: float | jax.Array = 0.05,
+    rho: Radius = 0.05,
     *,
     adaptive: bool = False,
     eta: float = 0.01,
     eps: float = 1e-12,
+    adaptive_mask: Mask | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM (Foret et al., arXiv:2010.01412); ``adaptive=True`` gives ASAM (arXiv:2102.11600).
@@ -48,25 +60,59 @@ def sam(
         updates, state = opt.update(grads, state, params,
                                     value_fn=lambda p: loss(p, batch))
 
-    ``update`` receives ``g = ∇L(w)`` as its updates and returns ``∇L(w + ε)`` (see
-    :func:`sam_perturbation`). Clipping belongs *after* this transformation (clipping ``g``
-    has no effect once it is normalized).
+    ``update`` receives ``g = ∇L(w)`` as its updates and returns ``∇L(w + ε)`` with
+
+        ε = ρ g / (‖g‖ + eps)                                   (SAM)
+        ε = ρ T² g / (‖T g‖ + eps),  T = |w| + η on the leaves   (ASAM)
+            ``adaptive_mask`` selects, T = 1 on the others
+
+    (see :func:`sam_perturbation`). Clipping belongs *after* this transformation (clipping
+    ``g`` has no effect once it is normalized).
+
+    Settings that reproduce the public implementations (same ε to rounding):
+
+    - davda54/sam ``SAM(rho=ρ)``: ``sam(ρ)`` (its eps is 1e-12, as here).
+    - davda54/sam ``SAM(rho=ρ, adaptive=True)``: ``sam(ρ, adaptive=True, eta=0.0)``: it
+      scales every parameter, biases included, by ``|w|`` with no offset (its README
+      suggests ρ = 2).
+    - SamsungLabs/ASAM ``ASAM(rho=0.5, eta=0.01)``: ``sam(0.5, adaptive=True, eta=0.01,
+      eps=1e-16, adaptive_mask=mask)`` with ``mask`` selecting the parameters PyTorch names
+      ``weight`` (Flax: ``kernel``, ``scale``, ``embedding``): biases keep ``T = 1``, e.g.
+      ``mask = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) != "bias", p)``. Its ``SAM`` class is
+      ``sam(ρ, eps=1e-16)``.
 
     Args:
-      rho: radius of the ascent step (≥ 0). ρ = 0 returns the plain gradient
-        (with one extra gradient evaluation).
-      adaptive: use ASAM's scale-invariant ascent ``T_w = |w| + η``.
-      eta: ASAM's offset η (ignored unless ``adaptive``).
+      rho: radius of the ascent step (≥ 0): a number or an Optax schedule ``count -> ρ``
+        evaluated at this transformation's step count (0 on the first step). ρ = 0 returns
+        the plain gradient (with one extra gradient evaluation). A schedule is checked at
+        ``count = 0`` only.
+      adaptive: use ASAM's scale-invariant ascent.
+      eta: ASAM's offset η ≥ 0 (ignored unless ``adaptive``).
       eps: added to the norm, so a zero gradient gives a finite update.
+      adaptive_mask: which leaves ASAM scales by ``|w| + η`` (Optax's mask convention: a
+        pytree of bools shaped like the parameters or a prefix of them, or a callable
+        ``params -> such a pytree``); unselected leaves use ``T = 1``. None (default):
+        every leaf, as in the ASAM paper's ``T_w`` and davda54/sam. Ignored unless
+        ``adaptive``.
       axis_name: m-sharpness under ``shard_map``/``pmap``: each shard perturbs with its own
         ĝ (so pass the *local*, un-reduced gradient) and the perturbed gradients are
         averaged over ``axis_name``.
 
+    SAM on some layers only: chain ``sam`` inside ``optax.masked`` or one group of
+    ``optax.multi_transform`` and pass ``value_fn=agsopt.fill_masked_params(loss, params)``
+    (those wrappers hide the other groups' parameters from ``sam``). ε then lives on the
+    selected leaves, with the norm over them; the other leaves keep their plain gradient.
+
     BatchNorm-style state: make ``value_fn`` a function of the parameters only, closing
     over the statistics of the first (unperturbed) pass and discarding those of the
     second; see the README.
+
+    Raises:
+      ValueError / TypeError: a ``rho`` that is not a finite number ≥ 0 or a schedule
+        returning one at count 0; a negative ``eta``; a non-positive ``eps``.
     """
-    validation.check_positive("rho", rho, allow_zero=True)
+    check_radius("rho", rho)
     validation.check_positive("eta", eta, allow_zero=True)
     validation.check_positive("eps", eps)
 
@@ -79,7 +125,15 @@ def sam(
         value_fn = validation.require_value_fn(value_fn, "agsopt.sam")
         if params is None:
             raise TypeError("agsopt.sam: update() needs params")
-        perturbation = sam_perturbation(updates, params, rho, adaptive=adaptive, eta=eta, eps=eps)
+        perturbation = sam_perturbation(
+            updates,
+            params,
+            radius_at(rho, state.count),
+            adaptive=adaptive,
+            eta=eta,
+            eps=eps,
+            adaptive_mask=adaptive_mask,
+        )
         sharp_grads = perturbed_gradient(value_fn, params, perturbation)
         sharp_grads = mean_over_shards(sharp_grads, axis_name)
         return sharp_grads, SAMState(count=optax.safe_increment(state.count))
