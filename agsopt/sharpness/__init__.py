@@ -21,8 +21,18 @@ from agsopt.sharpness._ausam import (
     ausam_sampling_probs,
     ausam_subset_size,
 )
-from agsopt.sharpness._bsam import BSAMState, bsam, bsam_rho_min_schedule
-from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
+from agsopt.sharpness._bsam import (
+    BSAMState,
+    bsam,
+    bsam_reference_schedules,
+    bsam_rho_min_schedule,
+)
+from agsopt.sharpness._perturbation import (
+    fill_masked_params,
+    mean_over_shards,
+    perturbed_gradient,
+    sam_perturbation,
+)
 from agsopt.sharpness._sam import SAMState, sam
 from agsopt.sharpness._vsam import (
     VSAMState,
@@ -44,7 +54,9 @@ __all__ = [
     "ausam_sampling_probs",
     "ausam_subset_size",
     "bsam",
+    "bsam_reference_schedules",
     "bsam_rho_min_schedule",
+    "fill_masked_params",
     "mean_over_shards",
     "perturbed_gradient",
     "sam",
