@@ -285,9 +285,12 @@ def test_first_epoch_step_matches_full_batch_sam():
     np.testing.assert_allclose(np.asarray(state.dlp_sum)[IDS], dlp, rtol=1e-4, atol=1e-7)
 
 
-def test_subset_size():
+def test_subset_size_is_the_references_int_alpha_b():
+    # the reference: sample_size = int(self.alpha * datalen), a double-precision product
+    for alpha, batch in [(0.5, 128), (0.29, 100), (0.7, 10), (0.3, 7), (0.1, 256)]:
+        assert ausam_subset_size(alpha, batch) == int(alpha * batch)
     assert ausam_subset_size(0.5, 128) == 64
-    assert ausam_subset_size(0.29, 100) == 29
+    assert ausam_subset_size(0.29, 100) == 28  # 0.29 * 100 = 28.999999999999996
     assert ausam_subset_size(0.01, 10) == 1
     assert ausam_subset_size(1.0, 7) == 7
 
