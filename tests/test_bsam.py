@@ -9,7 +9,7 @@ import optax
 import pytest
 from shared_problems import COEF, make_params, np_norm, quartic_grad_np, quartic_loss, to_np
 
-from agsopt.sharpness import BSAMState, bsam, bsam_rho_min_schedule
+from agsopt.sharpness import BSAMState, bsam, bsam_reference_schedules, bsam_rho_min_schedule
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_zero_gradient_gives_finite_update():
         np.testing.assert_array_equal(leaf, 0.0)
 
     # zero incoming updates where ∇L(w) ≠ 0: ĝ = 0, so g_max = g_min = ∇L(w) and
-    # d = g_max + 0 − (‖g_max‖/(‖g_min‖ + eps)) g_min, zero up to rounding
+    # d = g_max + 0 − (‖g_max‖/‖g_min‖) g_min, zero up to rounding
     params = make_params()
     opt = bsam()
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -327,3 +327,192 @@ def test_m_sharpness_averages_per_shard_directions():
         assert_tree_allclose(jax.tree.map(lambda t, i=i: t[i], got), expected)
     full, _ = one_update(bsam(0.1, 0.05), params, lambda p: loss(p, x, y))
     assert not np.allclose(np.asarray(full["w"]), np.asarray(expected["w"]), atol=1e-6)
+
+
+# ------------------------------------------- where the base optimizer steps from (x64)
+#
+# The reference training loop (ajiaaa/BSAM, PyTorch SGD with momentum μ and coupled weight
+# decay λ) written out in float64 numpy. On step k, with s = w − ρ_min ĝ the min point:
+#   step_from="params":    p = w,   buf = μ buf + (d + λ w),   w ← w − lr_k buf
+#   step_from="min_point": p = s,   buf = μ buf + (d + λ s),   w ← s − lr_k buf
+# (torch starts the momentum buffer at the first d_p, i.e. buf₀ = 0 here.)
+
+
+def _loss64(p):
+    return sum(jnp.sum(COEF[k] / 4 * (p[k] - 1) ** 4 + 0.5 * p[k] ** 2) for k in sorted(COEF))
+
+
+def _reference_loop(w, steps, lr_of, rho_min_of, rho_max, wd, mu, from_min_point):
+    w = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    buf = {k: np.zeros_like(v) for k, v in w.items()}
+    for k in range(steps):
+        g = quartic_grad_np(w)
+        scale_max = rho_max / (np_norm(g) + 1e-12)
+        scale_min = rho_min_of(k) / (np_norm(g) + 1e-12)
+        g_max = quartic_grad_np({n: w[n] + scale_max * g[n] for n in w})
+        s = {n: w[n] - scale_min * g[n] for n in w}
+        g_min = quartic_grad_np(s)
+        ratio = np_norm(g_max) / np_norm(g_min)
+        d = {n: g_max[n] + g[n] - ratio * g_min[n] for n in w}
+        p = s if from_min_point else w
+        buf = {n: mu * buf[n] + d[n] + wd * p[n] for n in w}
+        w = {n: p[n] - lr_of(k) * buf[n] for n in w}
+    return w
+
+
+def _run(opt, params, steps):
+    state = opt.init(params)
+    step = jax.jit(
+        lambda p, s: (lambda u, s2: (optax.apply_updates(p, u), s2))(
+            *opt.update(jax.grad(_loss64)(p), s, p, value_fn=_loss64)
+        )
+    )
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params
+
+
+def _ref_lr(k, total, lr_max=0.05):
+    """The reference CosineScheduler as the loop sees it: step k runs at c(max(k − 1, 0))."""
+    j = max(k - 1, 0)
+    return lr_max * (1 + np.cos(np.pi * j / total)) / 2
+
+
+def _ref_rho_min(k, total, lr_max=0.05, rho_hi=0.05):
+    """ρ_min = ρ_hi · lr_k / lr_max on the same step k ≥ 1; 0 on step 0."""
+    return 0.0 if k == 0 else rho_hi * _ref_lr(k, total, lr_max) / lr_max
+
+
+def test_reference_schedules_timing():
+    total = 7
+    lr, rho_min = bsam_reference_schedules(total)
+    for k in range(total + 2):
+        np.testing.assert_allclose(float(lr(k)), _ref_lr(k, total), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(float(rho_min(k)), _ref_rho_min(k, total), rtol=1e-6, atol=1e-9)
+    # general form: ρ_lo + (ρ_hi − ρ_lo)(lr − lr_min)/(lr_max − lr_min), P(0) on step 0
+    lr, rho_min = bsam_reference_schedules(10, lr_max=0.1, lr_min=0.01, rho_hi=0.2, rho_lo=0.02)
+    for k in [0, 1, 4, 10]:
+        c = 0.01 + 0.09 * (1 + np.cos(np.pi * max(k - 1, 0) / 10)) / 2
+        lr_k = 0.0 if k == 0 else c
+        np.testing.assert_allclose(float(lr(k)), c, rtol=1e-6)
+        np.testing.assert_allclose(
+            float(rho_min(k)), 0.02 + 0.18 * (lr_k - 0.01) / 0.09, rtol=1e-6, atol=1e-9
+        )
+
+
+@pytest.mark.parametrize("from_min_point", [False, True])
+def test_step_from_matches_reference_loop_float64(from_min_point):
+    steps, total, wd, mu = 4, 5, 1e-3, 0.9
+    with jax.enable_x64(True):
+        params = make_params(jnp.float64)
+        lr, rho_min = bsam_reference_schedules(total)
+        base = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mu))
+        step_from = "min_point" if from_min_point else "params"
+        got = _run(bsam(0.05, rho_min, base=base, step_from=step_from), params, steps)
+        expected = _reference_loop(
+            to_np(params),
+            steps,
+            lambda k: _ref_lr(k, total),
+            lambda k: _ref_rho_min(k, total),
+            0.05,
+            wd,
+            mu,
+            from_min_point,
+        )
+        assert_tree_allclose(got, expected, rtol=1e-13, atol=1e-15)
+        other = _reference_loop(
+            to_np(params),
+            steps,
+            lambda k: _ref_lr(k, total),
+            lambda k: _ref_rho_min(k, total),
+            0.05,
+            wd,
+            mu,
+            not from_min_point,
+        )
+        # the two forms really differ
+        assert np.max(np.abs(other["w"] - np.asarray(got["w"]))) > 1e-4
+        if not from_min_point:  # base=... with "params" is the same as the chain
+            chained = optax.chain(
+                bsam(0.05, rho_min), optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mu)
+            )
+            assert_tree_allclose(_run(chained, params, steps), got, rtol=1e-14, atol=1e-15)
+
+
+def test_min_point_moves_params_at_zero_learning_rate():
+    """With lr = 0 the reference still moves w by −ρ_min ĝ each step."""
+    with jax.enable_x64(True):
+        params = make_params(jnp.float64)
+        opt = bsam(0.05, 0.02, step_from="min_point", base=optax.sgd(0.0, momentum=0.9))
+        got = _run(opt, params, 1)
+        w = to_np(params)
+        g = quartic_grad_np(w)
+        expected = {k: w[k] - 0.02 * g[k] / (np_norm(g) + 1e-12) for k in w}
+        assert_tree_allclose(got, expected, rtol=1e-14, atol=1e-15)
+        same = _run(bsam(0.05, 0.02, base=optax.sgd(0.0, momentum=0.9)), params, 1)
+        assert_tree_allclose(same, to_np(params), rtol=0, atol=0)
+
+
+def test_step_from_and_base_validation():
+    with pytest.raises(ValueError, match="base"):
+        bsam(0.05, 0.05, step_from="min_point")
+    with pytest.raises(ValueError, match="step_from"):
+        bsam(0.05, 0.05, step_from="min")
+    with pytest.raises(TypeError, match="base"):
+        bsam(0.05, 0.05, base="sgd")
+    with pytest.raises(ValueError, match="total_steps"):
+        bsam_reference_schedules(0)
+
+
+@pytest.mark.parametrize(
+    "name,bad,error",
+    [
+        ("rho_min", "0.05", TypeError),
+        ("rho_max", None, TypeError),
+        ("rho_min", jnp.ones(2), ValueError),
+        ("rho_min", lambda c: c - 1.0, ValueError),  # ρ_min(0) = −1
+    ],
+)
+def test_radius_validated_at_construction(name, bad, error):
+    with pytest.raises(error, match=name):
+        bsam(**{name: bad})
+
+
+def _scan_loss(p):
+    return sum(jnp.sum(0.25 * (x - 1) ** 4 + 0.5 * x**2) for x in jax.tree.leaves(p))
+
+
+def _scan(opt, params, steps=3):
+    def body(carry, _):
+        p, s = carry
+        u, s = opt.update(jax.grad(_scan_loss)(p), s, p, value_fn=_scan_loss)
+        return (optax.apply_updates(p, u), s), None
+
+    init = opt.init(params)
+    (p, s), _ = jax.lax.scan(body, (params, init), None, length=steps)
+    return init, p, s
+
+
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("step_from", ["params", "min_point"])
+def test_state_dtypes_kept_over_scanned_steps(x64, step_from):
+    """Every state leaf keeps its dtype over lax.scan steps, in float32 and x64 mode."""
+    with jax.enable_x64(x64):
+        for dtype in [jnp.float32] + ([jnp.float64] if x64 else []):
+            params = make_params(dtype)
+            lr, rho_min = bsam_reference_schedules(10)
+            opt = bsam(
+                optax.linear_schedule(0.05, 0.01, 5),
+                rho_min,
+                step_from=step_from,
+                base=optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(lr, momentum=0.9)),
+            )
+            init, p, s = _scan(opt, params)
+            dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
+            assert dtypes(s) == dtypes(init)
+            assert dtypes(p) == dtypes(params)
+            assert int(s.count) == 3
+            # plain bsam (no base) chained in front, too
+            init, p, s = _scan(optax.chain(bsam(0.05, rho_min), optax.sgd(lr)), params)
+            assert dtypes(s) == dtypes(init)
+            assert dtypes(p) == dtypes(params)

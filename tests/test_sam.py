@@ -464,3 +464,196 @@ def test_batchnorm_statistics_flax_nnx():
         for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(perturbed), strict=True)
     ]
     assert max(diffs) > 1e-4
+
+
+# ------------------------------------------- ASAM: the public implementations' settings
+
+
+def _mlp_np(params):
+    return {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+
+def _expected_asam(params, loss, rho, eta, eps, weight_leaves):
+    """ASAM written out in float64: T = |w| + η on ``weight_leaves``, T = 1 elsewhere,
+    ε = ρ T² g / (‖T g‖ + eps); returns ∇L(w + ε) (by jax.grad at the written-out point)."""
+    w = _mlp_np(params)
+    g = _mlp_np(jax.grad(loss)(params))
+    t = {k: (np.abs(w[k]) + eta) if k in weight_leaves else np.ones_like(w[k]) for k in w}
+    norm = np.sqrt(sum(np.sum((t[k] * g[k]) ** 2) for k in w))
+    w_adv = {k: jnp.asarray(w[k] + rho * t[k] ** 2 * g[k] / (norm + eps), jnp.float32) for k in w}
+    return jax.grad(loss)(w_adv)
+
+
+def _not_bias(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in ("b1", "b2"), params
+    )
+
+
+def test_asam_davda54_setting_no_eta_every_leaf():
+    """davda54/sam SAM(adaptive=True): ε = ρ w² g / (‖|w| g‖ + 1e-12) on every leaf."""
+    params = _mlp_params(jax.random.key(20))
+    params["b1"] = 0.3 * jnp.ones((8,))  # non-zero biases, so their scaling shows
+    batch = _mlp_batch(jax.random.key(21))
+    loss = lambda p: _mlp_loss(p, batch)
+    rho = 2.0
+    expected = _expected_asam(params, loss, rho, 0.0, 1e-12, {"w1", "b1", "w2", "b2"})
+    got = sam_update(sam(rho, adaptive=True, eta=0.0), params, loss)
+    assert_tree_allclose(got, expected, rtol=2e-5, atol=1e-6)
+    # η matters: the default η = 0.01 gives a different point
+    other = sam_update(sam(rho, adaptive=True), params, loss)
+    assert not np.allclose(np.asarray(other["w1"]), np.asarray(got["w1"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["callable", "tree", "prefix"])
+def test_asam_samsunglabs_setting_weights_only(form):
+    """SamsungLabs/ASAM: T = |w| + η on weights only (biases T = 1), eps = 1e-16."""
+    params = _mlp_params(jax.random.key(22))
+    params["b1"] = 0.3 * jnp.ones((8,))
+    params["b2"] = -0.2 * jnp.ones((2,))
+    batch = _mlp_batch(jax.random.key(23))
+    loss = lambda p: _mlp_loss(p, batch)
+    rho, eta = 0.5, 0.01
+    mask = {
+        "callable": _not_bias,
+        "tree": {"w1": True, "b1": False, "w2": True, "b2": False},
+        "prefix": {"w1": True, "b1": False, "w2": True, "b2": False},
+    }[form]
+    if form == "prefix":  # a nested tree with a bool covering a whole subtree
+        nested = {"layer1": {"w": params["w1"], "b": params["b1"]}, "layer2": params["w2"]}
+        nested_loss = lambda p: loss(
+            {"w1": p["layer1"]["w"], "b1": p["layer1"]["b"], "w2": p["layer2"], "b2": params["b2"]}
+        )
+        nested_mask = {"layer1": {"w": True, "b": False}, "layer2": True}
+        got = sam_update(
+            sam(rho, adaptive=True, eta=eta, eps=1e-16, adaptive_mask=nested_mask),
+            nested,
+            nested_loss,
+        )
+        sub = {k: params[k] for k in ("w1", "b1", "w2")}
+        sub_loss = lambda p: loss({**p, "b2": params["b2"]})
+        exp = _expected_asam(sub, sub_loss, rho, eta, 1e-16, {"w1", "w2"})
+        assert_tree_allclose(
+            got, {"layer1": {"w": exp["w1"], "b": exp["b1"]}, "layer2": exp["w2"]}, rtol=2e-5
+        )
+        return
+    expected = _expected_asam(params, loss, rho, eta, 1e-16, {"w1", "w2"})
+    got = sam_update(sam(rho, adaptive=True, eta=eta, eps=1e-16, adaptive_mask=mask), params, loss)
+    assert_tree_allclose(got, expected, rtol=2e-5, atol=1e-6)
+    # the mask matters: scaling every leaf gives another point
+    every = _expected_asam(params, loss, rho, eta, 1e-16, {"w1", "b1", "w2", "b2"})
+    assert not np.allclose(np.asarray(every["b1"]), np.asarray(got["b1"]), rtol=1e-4)
+
+
+def test_asam_mask_all_true_equals_default_and_ignored_without_adaptive():
+    params = _mlp_params(jax.random.key(24))
+    batch = _mlp_batch(jax.random.key(25))
+    loss = lambda p: _mlp_loss(p, batch)
+    all_true = jax.tree.map(lambda _: True, params)
+    a = sam_update(sam(0.5, adaptive=True, adaptive_mask=all_true), params, loss)
+    b = sam_update(sam(0.5, adaptive=True), params, loss)
+    assert_tree_allclose(a, b, rtol=0, atol=0)
+    c = sam_update(sam(0.05, adaptive_mask=_not_bias), params, loss)
+    assert_tree_allclose(c, sam_update(sam(0.05), params, loss), rtol=0, atol=0)
+
+
+def test_asam_mask_errors_name_the_argument():
+    params = _mlp_params(jax.random.key(26))
+    batch = _mlp_batch(jax.random.key(27))
+    loss = lambda p: _mlp_loss(p, batch)
+    with pytest.raises(TypeError, match="adaptive_mask"):
+        sam_update(
+            sam(0.5, adaptive=True, adaptive_mask=jax.tree.map(lambda _: 1, params)), params, loss
+        )
+    with pytest.raises(ValueError, match="adaptive_mask"):
+        sam_update(sam(0.5, adaptive=True, adaptive_mask={"w1": True}), params, loss)
+
+
+# ------------------------------------------------------------------------ ρ schedules
+
+
+def test_rho_schedule_evaluated_at_count():
+    """ρ(count): step 0 with ρ(0) = 0 is the plain gradient, step 1 is SAM with ρ(1)."""
+    params = make_params()
+    schedule = optax.linear_schedule(0.0, 0.1, 10)  # ρ(1) = 0.01, ρ(2) = 0.02
+    opt = sam(schedule)
+    state = opt.init(params)
+    grads = jax.grad(quartic_loss)(params)
+    w, g = to_np(params), quartic_grad_np(to_np(params))
+    gn = np_norm(g)
+    step = jax.jit(lambda s: opt.update(grads, s, params, value_fn=quartic_loss))
+    for count, rho in enumerate([0.0, 0.01, 0.02]):
+        got, state = step(state)
+        expected = quartic_grad_np({k: w[k] + rho * g[k] / gn for k in w})
+        assert_tree_allclose(got, expected)
+        assert int(state.count) == count + 1
+
+
+def test_asam_rho_schedule():
+    params = make_params()
+    opt = sam(lambda count: 0.5 * (count + 1), adaptive=True)  # ρ(0) = 0.5, ρ(1) = 1.0
+    state = opt.init(params)
+    grads = jax.grad(quartic_loss)(params)
+    _, state = opt.update(grads, state, params, value_fn=quartic_loss)
+    got, _ = opt.update(grads, state, params, value_fn=quartic_loss)
+    assert_tree_allclose(got, sam_update(sam(1.0, adaptive=True), params))
+
+
+@pytest.mark.parametrize(
+    "bad,error,pattern",
+    [
+        ("0.05", TypeError, "rho"),
+        (None, TypeError, "rho"),
+        (True, TypeError, "rho"),
+        (jnp.ones(2), ValueError, "rho must be a scalar"),
+        (lambda count: -0.1 + 0 * count, ValueError, r"rho\(0\)"),
+        (lambda count: jnp.ones(3) * count, ValueError, "rho: a schedule must return a scalar"),
+        (lambda: 0.1, TypeError, "rho: a schedule"),
+    ],
+)
+def test_rho_validated_at_construction(bad, error, pattern):
+    with pytest.raises(error, match=pattern):
+        sam(bad)
+
+
+# ------------------------------------------------------- dtypes over steps (lax.scan)
+
+
+def _scan_steps(opt, params, loss, steps=3):
+    def body(carry, _):
+        p, s = carry
+        grads = jax.grad(loss)(p)
+        updates, s = opt.update(grads, s, p, value_fn=loss)
+        return (optax.apply_updates(p, updates), s), None
+
+    state = opt.init(params)
+    (p, s), _ = jax.lax.scan(body, (params, state), None, length=steps)
+    return state, p, s
+
+
+def _dtypes(tree):
+    return [x.dtype for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_state_dtypes_kept_over_scanned_steps(x64, adaptive):
+    """Every state leaf keeps its dtype across steps (lax.scan requires it), in float32 and
+    in x64 mode, with a ρ schedule (whose values are float64 under x64)."""
+    with jax.enable_x64(x64):
+        for dtype in [jnp.float32] + ([jnp.float64] if x64 else []):
+            params = {
+                "b": jnp.asarray([[0.3, -0.7], [1.5, 0.1]], dtype),
+                "w": jnp.asarray([0.2, -1.1, 2.0], dtype),
+            }
+            loss = lambda p: sum(
+                jnp.sum(0.25 * (x - 1) ** 4 + 0.5 * x**2) for x in jax.tree.leaves(p)
+            )
+            opt = optax.chain(
+                sam(optax.linear_schedule(0.01, 0.1, 5), adaptive=adaptive),
+                optax.sgd(0.01, momentum=0.9),
+            )
+            init, p, s = _scan_steps(opt, params, loss)
+            assert _dtypes(s) == _dtypes(init)
+            assert _dtypes(p) == _dtypes(params)
+            assert int(s[0].count) == 3
