@@ -362,7 +362,7 @@ def test_jit_matches_eager_and_key_changes():
 
 
 def test_state_is_namedtuple_of_arrays_and_extra_args_ignored():
-    opt = optax.chain(vsam(RHO), optax.sgd(0.1))
+    opt = optax.chain(vsam(RHO, steps_per_epoch=10), optax.sgd(0.1))
     state = opt.init(PARAMS)
     assert isinstance(state[0], VSAMState)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state[0]))
@@ -466,11 +466,11 @@ def test_axis_name_averages_and_keeps_shards_identical():
 )
 def test_constructor_validation(kwargs, error, name):
     with pytest.raises(error, match=name):
-        vsam(**kwargs)
+        vsam(**{"warmup_steps": 3, **kwargs})
 
 
 def test_update_validation():
-    opt = vsam(RHO)
+    opt = vsam(RHO, warmup_steps=2)
     state = opt.init(PARAMS)
     with pytest.raises(TypeError, match="value_fn"):
         opt.update(PARAMS, state, PARAMS)

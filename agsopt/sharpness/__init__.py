@@ -17,9 +17,13 @@ from agsopt.sharpness._ausam import (
     ausam,
     ausam_adlp,
     ausam_f_max,
+    ausam_record,
+    ausam_sam_on_subset,
     ausam_sample_subset,
     ausam_sampling_probs,
+    ausam_select_subset,
     ausam_subset_size,
+    ausam_valid_ids,
 )
 from agsopt.sharpness._bsam import (
     BSAMState,
@@ -39,7 +43,13 @@ from agsopt.sharpness._vsam import (
     vsam,
     vsam_block_variance,
     vsam_control,
+    vsam_push_records,
+    vsam_record_leaves,
     vsam_relative_change,
+    vsam_reuse_step,
+    vsam_sam_step,
+    vsam_step_position,
+    vsam_window_control,
 )
 
 __all__ = [
@@ -50,9 +60,13 @@ __all__ = [
     "ausam",
     "ausam_adlp",
     "ausam_f_max",
+    "ausam_record",
+    "ausam_sam_on_subset",
     "ausam_sample_subset",
     "ausam_sampling_probs",
+    "ausam_select_subset",
     "ausam_subset_size",
+    "ausam_valid_ids",
     "bsam",
     "bsam_reference_schedules",
     "bsam_rho_min_schedule",
@@ -64,5 +78,11 @@ __all__ = [
     "vsam",
     "vsam_block_variance",
     "vsam_control",
+    "vsam_push_records",
+    "vsam_record_leaves",
     "vsam_relative_change",
+    "vsam_reuse_step",
+    "vsam_sam_step",
+    "vsam_step_position",
+    "vsam_window_control",
 ]

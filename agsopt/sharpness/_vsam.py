@@ -13,15 +13,21 @@ changes. ``update`` receives ``g = ∇L(w)`` as its updates, like :func:`agsopt.
                  else                                            output g
 
 so after a SAM step the PSF is added with weights β, β², …, β⁶ and then dropped.
-``‖·‖_last`` is the Euclidean norm over the last ``last_layer`` leaves of the gradient pytree
-in ``jax.tree.leaves`` order (all leaves if ``last_layer`` is None). The reference takes the
-last ``last_layer`` tensors of ``model.parameters()``, i.e. the layers nearest the output;
-``jax.tree.leaves`` sorts dict keys, so name layers so that the output side sorts last
-(``layer_09`` not ``layer_9``), or use a list of layers. The ratio ``‖psf‖/‖g‖`` and the
-norms of the records are these last-layer norms; ``ĝ`` in ``ε`` uses the whole pytree.
+``‖·‖_last`` is the Euclidean norm over the leaves that ``last_layer`` selects
+(:func:`vsam_record_leaves`). The reference takes the last 10 tensors of
+``model.parameters()``, i.e. the layers nearest the output. An int ``last_layer = N``
+(default 10) takes the last N leaves in ``jax.tree.leaves`` order, which for dicts is the
+*sorted key order*, not the order the layers were defined or run in: ``{"conv": …,
+"dense": …, "head": …}`` happens to end with the head, ``{"layer_9": …, "layer_10": …}``
+ends with ``layer_9``. With dict pytrees either name layers so that the output side sorts
+last, use a list of layers, or pass the leaves explicitly as a mask (Optax's convention: a
+pytree of bools with the parameters' structure, or a prefix of it, or a callable ``params ->
+mask``), e.g. ``last_layer={"body": False, "head": True}`` or ``last_layer=lambda p:
+{"body": False, "head": True}``. ``last_layer=None`` uses every leaf. The ratio ``‖psf‖/‖g‖``
+and the norms of the records are these norms; ``ĝ`` in ``ε`` uses the whole pytree.
 
-Histories (fixed-size float32 arrays of length ``K = window``, oldest first, zero before the
-first ``K`` SAM steps), pushed on every SAM step:
+Histories (fixed-size arrays of length ``K = window``, oldest first, zero before the first
+``K`` SAM steps), pushed on every SAM step:
 
     h_ratio  ← ratio;   h_psf ← ‖psf‖_last;
     h_var    ← mean_{b<w_w} var_unbiased( sort(h_psf)[b·m : (b+1)·m] ),   m = K // w_w
@@ -36,7 +42,9 @@ Control, at the start of every window of ``K`` steps after the warm-up::
     n        = floor(base_sr);  the window's SAM steps: a uniformly random subset of n of
                its K positions (``permutation(K) < n``, a static-shape boolean schedule)
 
-``base_sr`` starts at 1. The first ``warmup_steps`` steps are all SAM steps. Under ``jit`` the
+``base_sr`` starts at 1. The warm-up steps are all SAM steps: as in the reference, 3
+epochs, given as ``steps_per_epoch`` (with ``warmup_epochs=3``), or an explicit
+``warmup_steps``; one of the two is required (there is no silent default). Under ``jit`` the
 SAM/other choice is a ``lax.cond``: only the taken branch runs, so an other step costs one
 gradient (the caller's) and never calls ``value_fn``; the records are computed inside the
 SAM branch and the window's control inside a ``lax.cond`` on its first step, so an other
@@ -71,7 +79,7 @@ Example — a complete training loop::
 
     batch, steps_per_epoch = 128, 16
     opt = optax.chain(
-        vsam(rho=0.05, window=50, warmup_steps=3 * steps_per_epoch, last_layer=2, key=0),
+        vsam(rho=0.05, steps_per_epoch=steps_per_epoch, window=50, last_layer=2, key=0),
         optax.add_decayed_weights(1e-3),
         optax.sgd(0.05, momentum=0.9),
     )
@@ -103,10 +111,9 @@ Deviations from the reference, and why:
   step at all (its window counter starts at 1 and its in-window counter is left at 1 by the
   warm-up); the first control update then uses the warm-up history. We apply that control
   update at the first post-warm-up step and start regular windows of ``K`` steps there.
-- *Warm-up length.* The reference runs 3 epochs of SAM steps; steps per epoch are unknown
-  to a gradient transformation, so ``warmup_steps`` is in steps. The default
-  ``2·window`` is the shortest warm-up that fills ``h_ratio``, ``h_psf`` and ``h_var`` with
-  values computed from full histories; pass ``3 * steps_per_epoch`` to match the reference.
+- *Warm-up in steps.* The reference counts epochs (``epoch < 3``); a gradient
+  transformation counts steps, so the warm-up is ``warmup_epochs·steps_per_epoch`` steps,
+  the same schedule when every epoch has ``steps_per_epoch`` steps.
 - *Zero entries.* The reference divides by zero-initialized history entries when fewer than
   ``K`` SAM steps have been recorded; ``Δrel`` averages only over pairs with ``h_i > 0``
   (0 if there is none). The ratio ``‖psf‖/‖g‖`` gets ``+ eps`` in its denominator.
@@ -116,9 +123,34 @@ Deviations from the reference, and why:
   (m-sharpness under ``shard_map``/``pmap``) each shard perturbs with its own ĝ; ``g_s``
   and ``g`` are averaged over the axis, so the PSF, the records and every output are
   identical on all shards, and so is the SAM schedule (the key is not folded per shard).
-- ``warmup_steps``, ``window``, ``var_blocks``, ``last_layer`` and ``reuse_steps`` are
-  static. ``var_blocks`` must leave at least 2 values per block (unbiased variance); as in
-  the reference, ``K mod var_blocks`` largest values are left out of the blocks.
+- ``steps_per_epoch``, ``warmup_epochs``, ``warmup_steps``, ``window``, ``var_blocks``,
+  ``last_layer`` and ``reuse_steps`` are static. ``var_blocks`` must leave at least 2
+  values per block (unbiased variance); as in the reference, ``K mod var_blocks`` largest
+  values are left out of the blocks, and the cap is ``int(K·max_p)``.
+
+Precision: ``psf_weight``, ``base_sr`` and the histories have the parameters' float dtype
+promoted with float32 (float64 for float64 parameters under x64, as the reference's Python
+floats), fixed at ``init``, so the reuse step ``g + r_w·psf`` is exact to the parameters'
+precision; every state field keeps its dtype and shape across steps (``lax.scan`` carries
+it).
+
+Non-finite values: on a SAM step whose ``g_s`` (or ratio) is not finite (the loss is
+NaN/inf at ``w + ε``), the update ``g_s`` is passed on as computed, for the caller to see
+(e.g. ``optax.apply_if_finite`` around the base optimizer), but neither the PSF nor the
+records are changed: the state keeps its last finite PSF. A non-finite incoming ``g`` on
+a reuse step gives a non-finite update and leaves the PSF untouched.
+
+``rho`` may be a schedule ``count -> ρ`` (called with the number of steps taken before the
+current one, the Optax convention). ``update`` checks at trace time that the state fits
+this configuration (histories and schedule of length ``window``, the key's shape, a PSF
+with the parameters' structure and shapes) and raises ``ValueError`` otherwise, e.g. for a
+checkpoint restored into a differently configured ``vsam``.
+
+The update is a short glue of pure kernels, each usable and testable on its own:
+:func:`vsam_step_position` (warm-up and window position), :func:`vsam_window_control`
+(:func:`vsam_control` and the window's schedule), :func:`vsam_sam_step` (the SAM branch:
+``g_s``, the PSF and :func:`vsam_push_records`), :func:`vsam_reuse_step` (the other
+branch) and :func:`vsam_record_leaves` (the leaves the records run over).
 """
 
 from __future__ import annotations
@@ -128,9 +160,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from agsopt import _validation as validation
+from agsopt.sharpness._ausam import _saturating_add, _statistics_dtype
 from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
 from agsopt.tree_utils import (
     key_for_state,
@@ -141,18 +175,31 @@ from agsopt.tree_utils import (
 )
 
 PyTree = Any
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+LastLayer = int | None | PyTree | Callable[[PyTree], PyTree]
+Histories = tuple[jax.Array, jax.Array, jax.Array]
 
 __all__ = [
     "VSAMState",
     "vsam",
     "vsam_block_variance",
     "vsam_control",
+    "vsam_push_records",
+    "vsam_record_leaves",
     "vsam_relative_change",
+    "vsam_reuse_step",
+    "vsam_sam_step",
+    "vsam_step_position",
+    "vsam_window_control",
 ]
 
 
 class VSAMState(NamedTuple):
     """State of :func:`vsam`.
+
+    Float scalars and histories have the *statistics dtype* fixed at ``init``: the
+    parameters' float dtypes promoted with float32 (float64 for float64 parameters under
+    x64); every update keeps every field's dtype and shape.
 
     Attributes:
       count: steps taken (int32).
@@ -160,14 +207,14 @@ class VSAMState(NamedTuple):
       psf: the last PSF ``g_s − g`` (params-shaped; zeros before the first SAM step).
       psf_weight: ``r_w`` of the last step (1 after a SAM step, then β, β², …).
       reuse_count: reuse steps since the last SAM step (``reuse_steps`` = no reuse left).
-      base_sr: the controlled number of SAM steps per window (float32, in [1, K·max_p]).
+      base_sr: the controlled number of SAM steps per window (in [1, K·max_p]).
       schedule: bool[K], the SAM positions of the current window.
-      num_sam_steps: SAM steps taken so far, warm-up included (int32).
+      num_sam_steps: SAM steps taken so far, warm-up included (int32, saturating).
       last_was_sam: whether the last step was a SAM step.
-      ratio_history: float32[K], ``‖psf‖/‖g‖`` of the last K SAM steps, oldest first.
-      psf_norm_history: float32[K], ``‖psf‖`` of the last K SAM steps, oldest first.
-      var_history: float32[K], block variance of ``psf_norm_history`` at the last K SAM
-        steps, oldest first.
+      ratio_history: [K], ``‖psf‖/‖g‖`` of the last K SAM steps, oldest first.
+      psf_norm_history: [K], ``‖psf‖`` of the last K SAM steps, oldest first.
+      var_history: [K], block variance of ``psf_norm_history`` at the last K SAM steps,
+        oldest first.
     """
 
     count: jax.Array
@@ -184,12 +231,17 @@ class VSAMState(NamedTuple):
     var_history: jax.Array
 
 
+def _float(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def vsam_block_variance(psf_norm_history: jax.Array, var_blocks: int) -> jax.Array:
     """Mean over ``var_blocks`` blocks of the unbiased variance of the sorted history.
 
     ``m = K // var_blocks`` values per block; block ``b`` holds ``sort(h)[b·m:(b+1)·m]``.
     """
-    h = jnp.sort(jnp.asarray(psf_norm_history, jnp.float32))
+    h = jnp.sort(_float(psf_norm_history))
     m = h.shape[0] // var_blocks
     blocks = h[: var_blocks * m].reshape(var_blocks, m)
     return jnp.mean(jnp.var(blocks, axis=1, ddof=1))
@@ -197,11 +249,11 @@ def vsam_block_variance(psf_norm_history: jax.Array, var_blocks: int) -> jax.Arr
 
 def vsam_relative_change(history: jax.Array) -> jax.Array:
     """``clip(mean_{i: h_i > 0} (h_{i+1} − h_i)/h_i, −1, 1)``; 0 if no ``h_i`` is positive."""
-    h = jnp.asarray(history, jnp.float32)
+    h = _float(history)
     prev, nxt = h[:-1], h[1:]
     ok = prev > 0
     rel = jnp.where(ok, (nxt - prev) / jnp.where(ok, prev, 1.0), 0.0)
-    mean = jnp.sum(rel) / jnp.maximum(jnp.sum(ok), 1).astype(jnp.float32)
+    mean = jnp.sum(rel) / jnp.maximum(jnp.sum(ok), 1).astype(h.dtype)
     return jnp.clip(mean, -1.0, 1.0)
 
 
@@ -213,26 +265,237 @@ def vsam_control(
     a2: float | jax.Array,
     max_sr: float | jax.Array,
 ) -> jax.Array:
-    """``clip(base_sr·(1 + a1·Δrel(h_ratio) + a2·Δrel(h_var)), 1, max_sr)``."""
+    """``clip(base_sr·(1 + a1·Δrel(h_ratio) + a2·Δrel(h_var)), 1, max_sr)``, in base_sr's
+    dtype (promoted with float32)."""
+    base_sr = _float(base_sr)
     factor = 1.0 + a1 * vsam_relative_change(ratio_history) + a2 * vsam_relative_change(var_history)
-    return jnp.clip(base_sr * factor, 1.0, max_sr).astype(jnp.float32)
+    return jnp.clip(base_sr * factor, 1.0, max_sr).astype(base_sr.dtype)
+
+
+def vsam_step_position(
+    count: jax.Array, warmup_steps: int, window: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(in_warmup, pos, window_start)`` of step ``count`` (0-based).
+
+    ``in_warmup = count < warmup_steps``; after the warm-up, windows of ``window`` steps
+    start at ``warmup_steps``: ``pos = (count − warmup_steps) mod window`` (0 in the
+    warm-up) and ``window_start = ¬in_warmup ∧ pos = 0``.
+    """
+    post = count - warmup_steps
+    in_warmup = post < 0
+    pos = jnp.maximum(post, 0) % window
+    return in_warmup, pos, jnp.logical_and(~in_warmup, pos == 0)
+
+
+def vsam_window_control(
+    key: jax.Array,
+    base_sr: jax.Array,
+    ratio_history: jax.Array,
+    var_history: jax.Array,
+    a1: float | jax.Array,
+    a2: float | jax.Array,
+    max_sr: float | jax.Array,
+    window: int,
+) -> tuple[jax.Array, jax.Array]:
+    """A new window: ``(base_sr', schedule)``.
+
+    ``base_sr' = vsam_control(base_sr, …)`` and ``schedule`` a bool[window] with exactly
+    ``n = floor(base_sr')`` True entries at uniformly random positions
+    (``permutation(window) < n``).
+    """
+    new_sr = vsam_control(base_sr, ratio_history, var_history, a1, a2, max_sr)
+    num_sam = jnp.floor(new_sr).astype(jnp.int32)
+    return new_sr, jax.random.permutation(key, window) < num_sam
 
 
 def _push(history: jax.Array, value: jax.Array) -> jax.Array:
     return jnp.concatenate([history[1:], jnp.reshape(value, (1,)).astype(history.dtype)])
 
 
-def vsam(
-    rho: float | jax.Array = 0.05,
+def vsam_push_records(
+    histories: Histories,
+    psf_norm: jax.Array,
+    grad_norm: jax.Array,
+    var_blocks: int,
+    eps: float = 1e-12,
+) -> Histories:
+    """Push one SAM step's records onto ``(h_ratio, h_psf, h_var)`` (oldest first):
+
+    ``h_ratio ← ‖psf‖/(‖g‖ + eps)``, ``h_psf ← ‖psf‖`` and ``h_var ← vsam_block_variance``
+    of the *pushed* ``h_psf``, each dropping its oldest entry; dtypes are kept.
+    """
+    ratio_history, norm_history, var_history = histories
+    pushed_norms = _push(norm_history, psf_norm)
+    return (
+        _push(ratio_history, _float(psf_norm) / (_float(grad_norm) + eps)),
+        pushed_norms,
+        _push(var_history, vsam_block_variance(pushed_norms, var_blocks)),
+    )
+
+
+def vsam_record_leaves(tree: PyTree, last_layer: LastLayer, params: PyTree = None) -> list:
+    """The leaves of ``tree`` the recorded norms run over.
+
+    ``last_layer``: an int N, the last N leaves in ``jax.tree.leaves`` order (the
+    reference's last N tensors of ``model.parameters()``); None, every leaf; or a mask in
+    Optax's convention, a pytree of bools with the structure of the parameters (or a prefix
+    of it) or a callable ``params -> such a pytree``, selecting the True leaves. ``params``
+    (default ``tree``) is what a callable mask is called with.
+    """
+    leaves = jax.tree.leaves(tree)
+    if last_layer is None:
+        return leaves
+    if isinstance(last_layer, int) and not isinstance(last_layer, bool):
+        return leaves[-last_layer:]
+    mask = last_layer(tree if params is None else params) if callable(last_layer) else last_layer
+    for m in jax.tree.leaves(mask):
+        if not isinstance(m, (bool, np.bool_)):
+            raise TypeError(
+                f"last_layer: a mask must hold Python/NumPy bools (static), got {type(m).__name__}"
+            )
+    try:
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, tree)
+    except ValueError as err:
+        raise ValueError(
+            "last_layer: the mask must have the structure of the parameters (or a prefix of "
+            f"it); mask {jax.tree.structure(mask)} vs parameters {jax.tree.structure(tree)}"
+        ) from err
+    chosen = [leaf for m, leaf in zip(jax.tree.leaves(full), leaves, strict=True) if m]
+    if not chosen:
+        raise ValueError("last_layer: the mask selects no leaf")
+    return chosen
+
+
+def vsam_sam_step(
+    value_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    local_grads: PyTree,
+    grads: PyTree,
+    psf: PyTree,
+    histories: Histories,
+    rho: float | jax.Array,
     *,
+    last_layer: LastLayer = None,
+    var_blocks: int = 5,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+) -> tuple[PyTree, PyTree, Histories]:
+    """A SAM step of vSAM: ``(g_s, psf', histories')``.
+
+    ``ε = ρ g_loc/(‖g_loc‖ + eps)`` from the (shard-local) gradient, ``g_s = ∇L(w + ε)``
+    (averaged over ``axis_name``), ``psf' = g_s − g`` with ``g = grads`` the (averaged)
+    gradient, and the histories pushed by :func:`vsam_push_records` with the norms over
+    :func:`vsam_record_leaves`. If ``psf'`` or the ratio is not finite (the loss is NaN/inf
+    at ``w + ε``), ``psf`` and ``histories`` are returned unchanged; ``g_s`` is returned as
+    computed. Every output has the dtypes of its input counterpart.
+    """
+    perturbation = sam_perturbation(local_grads, params, rho, eps=eps)
+    sharp = mean_over_shards(perturbed_gradient(value_fn, params, perturbation), axis_name)
+    new_psf = jax.tree.map(lambda s, g: s - g, sharp, grads)
+    psf_norm = tree_norm(vsam_record_leaves(new_psf, last_layer, params))
+    grad_norm = tree_norm(vsam_record_leaves(grads, last_layer, params))
+    records = vsam_push_records(histories, psf_norm, grad_norm, var_blocks, eps)
+    finite = tree_all_finite(new_psf) & jnp.isfinite(records[0][-1])
+    keep = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old).astype(old.dtype),
+        (new_psf, records),
+        (psf, histories),
+    )
+    sharp = jax.tree.map(lambda s, g: s.astype(g.dtype), sharp, local_grads)
+    return sharp, keep[0], keep[1]
+
+
+def vsam_reuse_step(
+    grads: PyTree,
+    psf: PyTree,
+    psf_weight: jax.Array,
+    reuse_count: jax.Array,
+    beta: float | jax.Array,
+    reuse_steps: int,
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """A non-SAM step of vSAM: ``(g + r·psf, r_w', reuse_count')``.
+
+    While ``reuse_count < reuse_steps`` (the reference's ``r_w > β^R``): ``r = β·r_w``,
+    ``r_w' = r``, ``reuse_count' = reuse_count + 1``; otherwise ``r = 0`` (the output is
+    ``g`` exactly) and both are unchanged. ``r`` is computed in ``psf_weight``'s dtype.
+    """
+    can_reuse = reuse_count < reuse_steps
+    weight = jnp.where(can_reuse, psf_weight * beta, 0.0).astype(psf_weight.dtype)
+    out = tree_add_scaled(grads, weight, psf)
+    return (
+        out,
+        jnp.where(can_reuse, weight, psf_weight),
+        jnp.where(can_reuse, reuse_count + 1, reuse_count).astype(reuse_count.dtype),
+    )
+
+
+def _check_last_layer(last_layer: LastLayer) -> LastLayer:
+    if last_layer is None or callable(last_layer):
+        return last_layer
+    if isinstance(last_layer, bool):
+        raise TypeError(
+            "last_layer must be an int, None (all leaves), a mask pytree of bools or a "
+            "callable params -> mask; got a bool"
+        )
+    if isinstance(last_layer, (int, np.integer)):
+        return validation.check_int("last_layer", last_layer, minimum=1)
+    leaves = jax.tree.leaves(last_layer)
+    if not leaves or not all(isinstance(m, (bool, np.bool_)) for m in leaves):
+        raise TypeError(
+            "last_layer must be an int, None (all leaves), a mask pytree of bools or a "
+            f"callable params -> mask; got {type(last_layer).__name__}"
+        )
+    if not any(bool(m) for m in leaves):
+        raise ValueError("last_layer: the mask selects no leaf")
+    return last_layer
+
+
+def _max_sr(window: int, max_p: float | jax.Array, dtype: Any) -> jax.Array:
+    """``int(K·max_p)`` as the reference (double precision) when max_p is concrete."""
+    if validation.is_concrete(max_p):
+        return jnp.asarray(float(int(window * float(np.asarray(max_p)))), dtype)
+    return jnp.floor(window * jnp.asarray(max_p, dtype))
+
+
+def _check_state(state: VSAMState, params: PyTree, window: int, key_shape: tuple[int, ...]) -> None:
+    """Trace-time check that ``state`` was built for this configuration and these params."""
+    for name in ("ratio_history", "psf_norm_history", "var_history", "schedule"):
+        got = tuple(jnp.shape(getattr(state, name)))
+        if got != (window,):
+            raise ValueError(
+                f"agsopt.vsam: state.{name} has shape {got}, but this vsam (window={window}) "
+                f"needs ({window},): the state was made by a differently configured vsam "
+                "(e.g. a checkpoint restored into a new configuration)"
+            )
+    if tuple(jnp.shape(state.key)) != key_shape:
+        raise ValueError(
+            f"agsopt.vsam: state.key has shape {tuple(jnp.shape(state.key))}, but this vsam's "
+            f"key needs {key_shape}: the state was made by a differently configured vsam"
+        )
+    same = jax.tree.structure(state.psf) == jax.tree.structure(params) and all(
+        jnp.shape(a) == jnp.shape(b)
+        for a, b in zip(jax.tree.leaves(state.psf), jax.tree.leaves(params), strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "agsopt.vsam: state.psf does not have the structure and shapes of params: the "
+            "state was initialized for other parameters"
+        )
+
+
+def vsam(
+    rho: ScalarOrSchedule = 0.05,
+    *,
+    steps_per_epoch: int | None = None,
+    warmup_epochs: int = 3,
+    warmup_steps: int | None = None,
     window: int = 50,
     var_blocks: int = 5,
     max_p: float | jax.Array = 0.8,
     a1: float | jax.Array = 0.13,
     a2: float | jax.Array = 0.13,
     beta: float | jax.Array = 0.7,
-    last_layer: int | None = 10,
-    warmup_steps: int | None = None,
+    last_layer: LastLayer = 10,
     reuse_steps: int = 6,
     key: int | jax.Array = 0,
     eps: float = 1e-12,
@@ -244,29 +507,57 @@ def vsam(
     with ``g = ∇L(w)`` and ``value_fn = lambda p: L(p, batch)`` (called on SAM steps only).
     See the module docstring for the exact rule and a training loop.
 
+    The warm-up (all SAM steps) is given either in the reference's terms,
+    ``steps_per_epoch`` with ``warmup_epochs`` (default 3, the reference), or as an
+    explicit ``warmup_steps``; one of ``steps_per_epoch`` and ``warmup_steps`` is required.
+
     Args:
-      rho: SAM radius ρ ≥ 0 (reference 0.05).
+      rho: SAM radius ρ ≥ 0 (reference 0.05), or a schedule ``count -> ρ`` (an Optax
+        schedule, called with the number of steps taken before this one).
+      steps_per_epoch: steps per epoch; the warm-up is ``warmup_epochs·steps_per_epoch``.
+      warmup_epochs: epochs of warm-up with ``steps_per_epoch`` (reference 3).
+      warmup_steps: the warm-up in steps, instead of ``steps_per_epoch``.
       window: K, steps per control window (reference 50).
       var_blocks: w_w, blocks of the variance of ‖psf‖ (reference 5); ``window //
         var_blocks`` must be ≥ 2.
       max_p: largest fraction of SAM steps per window, in (0, 1]; ``base_sr ≤
-        floor(K·max_p)`` (reference 0.8).
+        int(K·max_p)`` (reference 0.8).
       a1: gain on the relative change of ‖psf‖/‖g‖ (≥ 0, reference 0.13).
       a2: gain on the relative change of the variance of ‖psf‖ (≥ 0, reference 0.13).
       beta: decay β ∈ (0, 1] of the reuse weight r_w (reference 0.7).
-      last_layer: number of trailing leaves (``jax.tree.leaves`` order) the recorded norms
-        run over (reference 10); None for all leaves.
-      warmup_steps: leading steps that are all SAM steps; default ``2·window``
-        (the reference: 3 epochs).
+      last_layer: the leaves the recorded norms run over: an int N, the last N leaves in
+        ``jax.tree.leaves`` order (reference 10; dict keys sort, see the module
+        docstring); None, all leaves; or a mask (Optax convention: a pytree of bools like
+        the parameters, or a callable ``params -> mask``) selecting the leaves.
       reuse_steps: R, the PSF is reused while ``r_w > β^R`` (reference 6).
       key: int seed or JAX PRNG key for the window schedules.
       eps: added to ‖g‖ in ĝ and in the ratio, so zero gradients stay finite.
       axis_name: m-sharpness over this mapped axis; pass the local, un-reduced gradient.
 
-    Under ``optax.inject_hyperparams`` (e.g. to schedule ``rho``) name ``window``,
-    ``var_blocks``, ``last_layer``, ``warmup_steps``, ``reuse_steps``, ``key`` and
-    ``axis_name`` in ``static_args``.
+    Under ``optax.inject_hyperparams`` (e.g. to schedule ``rho``) name ``steps_per_epoch``,
+    ``warmup_epochs``, ``warmup_steps``, ``window``, ``var_blocks``, ``last_layer``,
+    ``reuse_steps``, ``key`` and ``axis_name`` in ``static_args``.
+
+    ``update`` raises ``ValueError`` (at trace time) when the state does not fit this
+    configuration (histories of another ``window``, a PSF of other parameters), e.g. a
+    checkpoint restored into a differently configured ``vsam``.
     """
+    if warmup_steps is not None:
+        if steps_per_epoch is not None:
+            raise ValueError(
+                "pass either warmup_steps or steps_per_epoch (warm-up = warmup_epochs · "
+                "steps_per_epoch), not both"
+            )
+        warmup = validation.check_int("warmup_steps", warmup_steps, minimum=0)
+    elif steps_per_epoch is not None:
+        steps_per_epoch = validation.check_int("steps_per_epoch", steps_per_epoch, minimum=1)
+        warmup_epochs = validation.check_int("warmup_epochs", warmup_epochs, minimum=0)
+        warmup = warmup_epochs * steps_per_epoch
+    else:
+        raise ValueError(
+            "vsam needs steps_per_epoch (the warm-up is warmup_epochs=3 epochs of SAM steps, "
+            "as in the reference) or an explicit warmup_steps"
+        )
     window = validation.check_int("window", window, minimum=2)
     var_blocks = validation.check_int("var_blocks", var_blocks, minimum=1)
     if window // var_blocks < 2:
@@ -274,34 +565,30 @@ def vsam(
             f"var_blocks must leave at least 2 values per block: window // var_blocks = "
             f"{window} // {var_blocks} < 2"
         )
-    if last_layer is not None:
-        last_layer = validation.check_int("last_layer", last_layer, minimum=1)
-    warmup = 2 * window if warmup_steps is None else warmup_steps
-    warmup = validation.check_int("warmup_steps", warmup, minimum=0)
+    last_layer = _check_last_layer(last_layer)
     reuse_steps = validation.check_int("reuse_steps", reuse_steps, minimum=0)
-    validation.check_positive("rho", rho, allow_zero=True)
+    if not callable(rho):
+        validation.check_positive("rho", rho, allow_zero=True)
     validation.check_fraction("max_p", max_p)
-    if validation.is_concrete(max_p) and int(window * float(max_p) + 1e-9) < 1:
+    if validation.is_concrete(max_p) and int(window * float(np.asarray(max_p))) < 1:
         raise ValueError(f"max_p must allow one SAM step per window: window·max_p < 1 ({max_p})")
     validation.check_positive("a1", a1, allow_zero=True)
     validation.check_positive("a2", a2, allow_zero=True)
     validation.check_fraction("beta", beta)
     validation.check_positive("eps", eps)
     init_key, key_impl = key_for_state(key)
-
-    def last_leaves(tree: PyTree) -> list[jax.Array]:
-        leaves = jax.tree.leaves(tree)
-        return leaves if last_layer is None else leaves[-last_layer:]
+    key_shape = tuple(init_key.shape)
 
     def init_fn(params: PyTree) -> VSAMState:
-        zeros_k = jnp.zeros((window,), jnp.float32)
+        dtype = _statistics_dtype(params)
+        zeros_k = jnp.zeros((window,), dtype)
         return VSAMState(
             count=jnp.zeros((), jnp.int32),
             key=init_key,
             psf=jax.tree.map(jnp.zeros_like, params),
-            psf_weight=jnp.zeros((), jnp.float32),
+            psf_weight=jnp.zeros((), dtype),
             reuse_count=jnp.asarray(reuse_steps, jnp.int32),
-            base_sr=jnp.ones((), jnp.float32),
+            base_sr=jnp.ones((), dtype),
             schedule=jnp.zeros((window,), jnp.bool_),
             num_sam_steps=jnp.zeros((), jnp.int32),
             last_was_sam=jnp.zeros((), jnp.bool_),
@@ -322,82 +609,67 @@ def vsam(
         value_fn = validation.require_value_fn(value_fn, "agsopt.vsam")
         if params is None:
             raise TypeError("agsopt.vsam: update() needs params")
-
-        # --- which step is this: warm-up, or position `pos` of a window --------------------
+        _check_state(state, params, window, key_shape)
+        rho_t = rho(state.count) if callable(rho) else rho
         next_key, schedule_key = split_state_key(state.key, key_impl)
-        post = state.count - warmup
-        in_warmup = post < 0
-        pos = jnp.maximum(post, 0) % window
-        window_start = jnp.logical_and(~in_warmup, pos == 0)
-        max_sr = jnp.floor(window * jnp.asarray(max_p, jnp.float32) + 1e-6)
-
-        def new_window(_: None) -> tuple[jax.Array, jax.Array]:
-            base_sr = vsam_control(
-                state.base_sr, state.ratio_history, state.var_history, a1, a2, max_sr
-            )
-            num_sam = jnp.floor(base_sr).astype(jnp.int32)
-            return base_sr, jax.random.permutation(schedule_key, window) < num_sam
-
+        in_warmup, pos, window_start = vsam_step_position(state.count, warmup, window)
+        max_sr = _max_sr(window, max_p, state.base_sr.dtype)
         base_sr, schedule = jax.lax.cond(
-            window_start, new_window, lambda _: (state.base_sr, state.schedule), None
+            window_start,
+            lambda: vsam_window_control(
+                schedule_key,
+                state.base_sr,
+                state.ratio_history,
+                state.var_history,
+                a1,
+                a2,
+                max_sr,
+                window,
+            ),
+            lambda: (state.base_sr, state.schedule),
         )
         is_sam = jnp.logical_or(in_warmup, schedule[pos])
-
-        # --- the step; records are pushed on SAM steps only ---------------------------------
         grads = mean_over_shards(updates, axis_name)
-        can_reuse = state.reuse_count < reuse_steps
-        reuse_weight = jnp.where(can_reuse, state.psf_weight * beta, 0.0).astype(jnp.float32)
         histories = (state.ratio_history, state.psf_norm_history, state.var_history)
 
-        def as_dtypes(tree: PyTree, like: PyTree) -> PyTree:
-            return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+        def sam_branch() -> tuple[PyTree, PyTree, Histories, jax.Array, jax.Array]:
+            out, psf, records = vsam_sam_step(
+                value_fn,
+                params,
+                updates,
+                grads,
+                state.psf,
+                histories,
+                rho_t,
+                last_layer=last_layer,
+                var_blocks=var_blocks,
+                eps=eps,
+                axis_name=axis_name,
+            )
+            one, zero = jnp.ones_like(state.psf_weight), jnp.zeros_like(state.reuse_count)
+            return out, psf, records, one, zero
 
-        def sam_branch(_: None) -> tuple[PyTree, PyTree, tuple[jax.Array, ...]]:
-            perturbation = sam_perturbation(updates, params, rho, eps=eps)
-            sharp = mean_over_shards(perturbed_gradient(value_fn, params, perturbation), axis_name)
-            psf = jax.tree.map(lambda s, g: s - g, sharp, grads)
-            psf_norm = tree_norm(last_leaves(psf))
-            ratio = psf_norm / (tree_norm(last_leaves(grads)) + eps)
-            pushed_norms = _push(state.psf_norm_history, psf_norm)
-            pushed_var = _push(state.var_history, vsam_block_variance(pushed_norms, var_blocks))
-            records = (_push(state.ratio_history, ratio), pushed_norms, pushed_var)
-            # A non-finite g_s (e.g. the loss is NaN at w + ε only) is passed on as the
-            # update, but neither stored nor recorded: the state keeps its last good PSF.
-            finite = tree_all_finite(psf) & jnp.isfinite(ratio)
-            psf = jax.tree.map(lambda new, old: jnp.where(finite, new, old), psf, state.psf)
-            records = jax.tree.map(lambda new, old: jnp.where(finite, new, old), records, histories)
-            return as_dtypes(sharp, updates), as_dtypes(psf, state.psf), records
+        def reuse_branch() -> tuple[PyTree, PyTree, Histories, jax.Array, jax.Array]:
+            out, weight, count = vsam_reuse_step(
+                grads, state.psf, state.psf_weight, state.reuse_count, beta, reuse_steps
+            )
+            out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
+            return out, state.psf, histories, weight, count
 
-        def other_branch(_: None) -> tuple[PyTree, PyTree, tuple[jax.Array, ...]]:
-            out = tree_add_scaled(grads, reuse_weight, state.psf)  # = g exactly when weight 0
-            return as_dtypes(out, updates), state.psf, histories
-
-        out, psf, (ratio_history, psf_norm_history, var_history) = jax.lax.cond(
-            is_sam, sam_branch, other_branch, None
-        )
-
-        def on_sam(new: jax.Array, old: jax.Array) -> jax.Array:
-            return jnp.where(is_sam, new, old)
-
+        out, psf, records, psf_weight, reuse_count = jax.lax.cond(is_sam, sam_branch, reuse_branch)
         new_state = VSAMState(
             count=optax.safe_increment(state.count),
             key=next_key,
             psf=psf,
-            psf_weight=on_sam(
-                jnp.ones((), jnp.float32),
-                jnp.where(can_reuse, reuse_weight, state.psf_weight),
-            ),
-            reuse_count=on_sam(
-                jnp.zeros((), jnp.int32),
-                jnp.where(can_reuse, state.reuse_count + 1, state.reuse_count),
-            ),
+            psf_weight=psf_weight,
+            reuse_count=reuse_count,
             base_sr=base_sr,
             schedule=schedule,
-            num_sam_steps=state.num_sam_steps + is_sam.astype(jnp.int32),
+            num_sam_steps=_saturating_add(state.num_sam_steps, is_sam.astype(jnp.int32)),
             last_was_sam=is_sam,
-            ratio_history=ratio_history,
-            psf_norm_history=psf_norm_history,
-            var_history=var_history,
+            ratio_history=records[0],
+            psf_norm_history=records[1],
+            var_history=records[2],
         )
         return out, new_state
 
