@@ -1,0 +1,333 @@
+"""The optimizers a study runs: :class:`OptimizerSpec`, the factories and their settings.
+
+An optimizer enters a study as a factory ``(dim, function, key) -> OptimizerSpec``. ``key``
+is a typed PRNG key of the study's key implementation; a stochastic transformation (AGS,
+IGS) must be built with it (:func:`ags_spec` does) so that the runner can replace it by
+each start's own key of the same implementation. Deterministic optimizers ignore it.
+
+Cost convention (also in the study's JSON): one evaluation of f counts 1 and one gradient
+∇f counts 1 (an oracle call; reverse mode costs a small constant multiple of f, which is
+not charged). GD and Adam cost 1 per step, SAM 2, a zero-order AGS/IGS step with N
+antithetic directions ``2N`` and a first-order one ``N``
+(:func:`agsopt.smoothing.evaluations_per_estimate`). Recording ``f(x_t)`` is not counted.
+
+Adding an optimizer is one entry::
+
+    OPTIMIZERS["sam"] = lambda d, fn, key: gradient_spec(
+        optax.chain(agsopt.sam(0.05), optax.sgd(gd_learning_rate(fn))), 2, "SAM, ρ=0.05")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+
+from agsopt import functions as fns
+from agsopt.smoothing import (
+    DEFAULT_COVARIANCE,
+    ags,
+    ags_adam,
+    ags_gd,
+    covariance_rules,
+    evaluations_per_estimate,
+)
+
+__all__ = [
+    "ADAM_LEARNING_RATE",
+    "ADAM_LEARNING_RATES",
+    "ADAM_SIGMA",
+    "AGS_COVARIANCE",
+    "DECAY",
+    "GD_LEARNING_RATES",
+    "NUM_SAMPLES",
+    "OPTIMIZERS",
+    "SMOOTHED_GD",
+    "OptimizerFactory",
+    "OptimizerSpec",
+    "adam_learning_rate",
+    "ags_spec",
+    "build_optimizer",
+    "function_names",
+    "gd_learning_rate",
+    "gradient_spec",
+    "optimizer_names",
+    "rule_registry",
+    "smoothed_adam_factory",
+    "smoothed_gd_factory",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer as the study runs it.
+
+    Attributes:
+      transformation: the Optax transformation; its ``update`` is called as
+        ``update(g, state, x, value_fn=f)`` with ``g = ∇f(x)`` if ``needs_gradient`` and
+        zeros otherwise.
+      evaluations_per_step: function evaluations (gradients count 1 each) per step.
+      description: the hyperparameters, one line (goes to the JSON metadata).
+      needs_gradient: whether ``update`` needs ``∇f(x)`` as its ``updates``.
+    """
+
+    transformation: optax.GradientTransformation
+    evaluations_per_step: int
+    description: str
+    needs_gradient: bool = True
+
+
+OptimizerFactory = Callable[[int, fns.TestFunction, jax.Array], OptimizerSpec]
+"""``(dim, function, key) -> OptimizerSpec`` (see the module doc for ``key``)."""
+
+
+def gradient_spec(
+    transformation: optax.GradientTransformation, evaluations_per_step: int, description: str
+) -> OptimizerSpec:
+    """An :class:`OptimizerSpec` for a method that is handed ``∇f(x)`` (GD, Adam, SAM, ...)."""
+    return OptimizerSpec(transformation, evaluations_per_step, description, needs_gradient=True)
+
+
+def _ags_default(name: str) -> Any:
+    """The default of :func:`agsopt.ags`'s argument ``name`` (read, not copied)."""
+    return inspect.signature(ags).parameters[name].default
+
+
+def ags_spec(
+    base: str,
+    learning_rate: optax.ScalarOrSchedule,
+    description: str,
+    *,
+    key: jax.Array,
+    **ags_kwargs: Any,
+) -> OptimizerSpec:
+    """An :class:`OptimizerSpec` for AGS/IGS: ``base`` is ``"gd"`` or ``"adam"``.
+
+    ``key`` is the factory's key (a typed key of the study's implementation); the other
+    ``ags_kwargs`` go to :func:`agsopt.ags` (sigma, num_samples, covariance, method, ...)
+    with its own defaults for those left out. The evaluation count follows from ``method``
+    and ``num_samples``. The zero-order methods are not handed a gradient.
+    """
+    if base not in ("gd", "adam"):
+        raise ValueError(f"base must be 'gd' or 'adam', got {base!r}")
+    alias = ags_gd if base == "gd" else ags_adam
+    method = ags_kwargs.get("method", _ags_default("method"))
+    num_samples = ags_kwargs.get("num_samples", _ags_default("num_samples"))
+    return OptimizerSpec(
+        alias(learning_rate, key=key, **ags_kwargs),
+        evaluations_per_estimate(method, num_samples),
+        description,
+        needs_gradient=False,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The optimizers and their documented hyperparameters
+# --------------------------------------------------------------------------------------
+
+NUM_SAMPLES = 128
+"""N, antithetic directions per AGS/IGS step in the study (2N = 256 evaluations); larger
+than :func:`agsopt.ags`'s default because the study's functions are multimodal."""
+
+DECAY = 0.999
+"""Per-step factor of the exponential decays of σ and of the AGS-Adam learning rate."""
+
+AGS_COVARIANCE = DEFAULT_COVARIANCE
+"""The covariance rule of the ``ags-*`` entries: :func:`agsopt.ags`'s default,
+:data:`agsopt.smoothing.DEFAULT_COVARIANCE` (the ``igs-*`` entries use ``"isotropic"``)."""
+
+GD_LEARNING_RATES: dict[str, float] = {
+    "ackley": 0.1,
+    "ellipsoid": 1e-7,
+    "griewank": 10.0,
+    "levy": 0.01,
+    "michalewicz": 1e-5,
+    "rastrigin": 1e-4,
+    "rosenbrock": 1e-5,
+    "schwefel": 0.1,
+    "sphere": 0.01,
+    "styblinski_tang": 0.01,
+}
+"""Plain GD: the best constant learning rate of the grid 10⁻⁸, 10⁻⁷, ..., 10² (median final
+f over 20 starts, d = 100, 3000 steps; for Schwefel the best that keeps the iterates in the
+box, since f is unbounded below outside it); ``rotated_<name>`` uses ``<name>``'s."""
+
+ADAM_LEARNING_RATES: dict[str, float] = {
+    "ackley": 1e-4,
+    "ellipsoid": 3e-3,
+    "griewank": 1e-3,
+    "levy": 3e-2,
+    "michalewicz": 3e-4,
+    "rastrigin": 1e-4,
+    "rosenbrock": 3e-2,
+    "schwefel": 3e-2,
+    "sphere": 3e-3,
+    "styblinski_tang": 3e-4,
+}
+"""Plain Adam: learning rate ÷ box width, the best of the grid 10⁻⁴, 3·10⁻⁴, ..., 3·10⁻²
+(same protocol as :data:`GD_LEARNING_RATES`)."""
+
+SMOOTHED_GD: dict[str, tuple[float, float]] = {
+    "rastrigin": (0.005, 3.0),
+    "ackley": (10.0, 3.0),
+    "levy": (0.05, 2.0),
+    "michalewicz": (0.01, 0.1),
+}
+"""AGS-GD / IGS-GD ``(learning rate, σ)``, both constant, tuned on a small grid at d = 100
+(5 starts). Elsewhere: plain GD's learning rate and σ = 0.05 × box width. σ is kept
+constant in the GD form: a shrinking σ raises the estimator's variance (∝ 1/σ² for an
+oscillating f) and the curvature of f_Σ, which a constant learning rate does not survive.
+A constant σ keeps the minimizer of f_Σ where f has it only for functions that are even
+about their minimizer (Rastrigin, Ackley, Griewank); elsewhere (Levy, Michalewicz) the GD
+form stalls at the smoothing bias and the Adam form, whose σ decays, is the one to use."""
+
+ADAM_SIGMA = 0.1
+"""AGS-Adam / IGS-Adam: σ_t = 0.1 w · 0.999^t, w the box width (every function alike)."""
+
+ADAM_LEARNING_RATE = 0.003
+"""AGS-Adam / IGS-Adam: lr_t = 0.003 w · 0.999^t; σ and lr shrink 20-fold over 3000 steps.
+The Adam form needs no per-function tuning: its steps do not scale with the gradient."""
+
+
+def _base_name(function: fns.TestFunction) -> str:
+    name = function.name
+    return name[len(fns.ROTATED_PREFIX) :] if name.startswith(fns.ROTATED_PREFIX) else name
+
+
+def _width(function: fns.TestFunction) -> float:
+    lower, upper = function.domain
+    return float(upper - lower)
+
+
+def gd_learning_rate(function: fns.TestFunction) -> float:
+    """Plain GD's documented learning rate for ``function`` (:data:`GD_LEARNING_RATES`)."""
+    return GD_LEARNING_RATES.get(_base_name(function), 1e-3)
+
+
+def adam_learning_rate(function: fns.TestFunction) -> float:
+    """Plain Adam's documented learning rate for ``function`` (:data:`ADAM_LEARNING_RATES`)."""
+    return ADAM_LEARNING_RATES.get(_base_name(function), 1e-3) * _width(function)
+
+
+def _decay(value: float) -> optax.Schedule:
+    return optax.exponential_decay(value, transition_steps=1, decay_rate=DECAY)
+
+
+def smoothed_gd_factory(covariance: Any, label: str) -> OptimizerFactory:
+    """Factory of AGS-GD with ``covariance`` (N = :data:`NUM_SAMPLES`, :data:`SMOOTHED_GD`)."""
+
+    def factory(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
+        del dim
+        lr, sigma = SMOOTHED_GD.get(
+            _base_name(function), (gd_learning_rate(function), 0.05 * _width(function))
+        )
+        text = f"{label}: GD on ∇f_Σ, lr={lr:g}, σ={sigma:g} constant, N={NUM_SAMPLES} antithetic"
+        return ags_spec(
+            "gd",
+            lr,
+            text,
+            key=key,
+            sigma=sigma,
+            num_samples=NUM_SAMPLES,
+            covariance=covariance,
+        )
+
+    return factory
+
+
+def smoothed_adam_factory(covariance: Any, label: str) -> OptimizerFactory:
+    """Factory of AGS-Adam with ``covariance`` (the :data:`ADAM_SIGMA` recipe)."""
+
+    def factory(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
+        del dim
+        w = _width(function)
+        lr, sigma = ADAM_LEARNING_RATE * w, ADAM_SIGMA * w
+        text = (
+            f"{label}: Adam on ∇f_Σ, lr={lr:.4g}·{DECAY}^t, σ={sigma:.4g}·{DECAY}^t, "
+            f"N={NUM_SAMPLES} antithetic"
+        )
+        return ags_spec(
+            "adam",
+            _decay(lr),
+            text,
+            key=key,
+            sigma=_decay(sigma),
+            num_samples=NUM_SAMPLES,
+            covariance=covariance,
+        )
+
+    return factory
+
+
+def _gd(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
+    del dim, key
+    lr = gd_learning_rate(function)
+    return gradient_spec(optax.sgd(lr), 1, f"GD, lr={lr:g}")
+
+
+def _adam(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
+    del dim, key
+    lr = adam_learning_rate(function)
+    return gradient_spec(optax.adam(lr), 1, f"Adam, lr={lr:.4g}")
+
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "ags-gd": smoothed_gd_factory(AGS_COVARIANCE, f"AGS-GD ({AGS_COVARIANCE})"),
+    "igs-gd": smoothed_gd_factory("isotropic", "IGS-GD"),
+    "gd": _gd,
+    "ags-adam": smoothed_adam_factory(AGS_COVARIANCE, f"AGS-Adam ({AGS_COVARIANCE})"),
+    "igs-adam": smoothed_adam_factory("isotropic", "IGS-Adam"),
+    "adam": _adam,
+}
+"""name → factory ``(dim, function, key) -> OptimizerSpec``; add an optimizer with one entry."""
+
+
+def build_optimizer(
+    name: str,
+    dim: int,
+    function: fns.TestFunction,
+    *,
+    key: jax.Array | None = None,
+    registry: Mapping[str, OptimizerFactory] | None = None,
+) -> OptimizerSpec:
+    """``registry[name](dim, function, key)``; ``registry`` defaults to :data:`OPTIMIZERS`.
+
+    ``key`` defaults to ``jax.random.key(0)`` (threefry); the study passes a key of its
+    ``key_impl``.
+    """
+    registry = OPTIMIZERS if registry is None else registry
+    if name not in registry:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(registry)}")
+    return registry[name](dim, function, jax.random.key(0) if key is None else key)
+
+
+def optimizer_names() -> list[str]:
+    """The registered optimizer names, in registry order."""
+    return list(OPTIMIZERS)
+
+
+def function_names() -> list[str]:
+    """Every test-function name a study takes (``rotated_*`` included)."""
+    return fns.names(include_rotated=True)
+
+
+def rule_registry(rules: Sequence[str], form: str = "adam") -> dict[str, OptimizerFactory]:
+    """Optimizers that differ only in the covariance rule, named ``"<form>:<rule>"``.
+
+    Each is AGS in the GD or Adam form (``form``) with the settings of ``ags-<form>`` (same
+    N, σ and learning-rate schedules); with the study's common random numbers the runs of
+    different rules also share their starts and noise keys. ``rules`` are names of
+    :data:`agsopt.smoothing.covariance_rules.RULES`.
+    """
+    if form not in ("gd", "adam"):
+        raise ValueError(f"form must be 'gd' or 'adam', got {form!r}")
+    for rule in rules:
+        if rule not in covariance_rules.RULES:
+            valid = ", ".join(covariance_rules.RULES)
+            raise ValueError(f"unknown covariance rule {rule!r}; valid names: {valid}")
+    make = smoothed_gd_factory if form == "gd" else smoothed_adam_factory
+    return {f"{form}:{rule}": make(rule, f"{form}:{rule}") for rule in rules}
