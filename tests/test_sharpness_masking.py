@@ -1,0 +1,140 @@
+"""SAM-family transformations inside optax.masked / optax.multi_transform (SAM on some
+layers only): ε on the selected leaves, with the norm over those leaves, the other leaves
+held at w; the unselected leaves keep their own optimizer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import agsopt
+
+
+def _loss(p, batch):
+    x, y = batch
+    h = jnp.tanh(x @ p["body"]["w"] + p["body"]["b"])
+    return jnp.mean((h @ p["head"]["w"] + p["head"]["b"] - y) ** 2)
+
+
+def _setup():
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "body": {"w": 0.5 * jax.random.normal(k1, (3, 6)), "b": 0.1 * jnp.ones((6,))},
+        "head": {"w": 0.5 * jax.random.normal(k2, (6, 2)), "b": jnp.zeros((2,))},
+    }
+    batch = (jax.random.normal(k3, (16, 3)), jax.random.normal(k4, (16, 2)))
+    return params, batch
+
+
+def _sam_on_body(params, loss, rho):
+    """Written out: ε = ρ g_body/‖g_body‖ on the body leaves only; ∇_body L(w + ε)."""
+    g = jax.grad(loss)(params)
+    g_body = g["body"]
+    norm = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in jax.tree.leaves(g_body)))
+    point = {
+        "body": jax.tree.map(lambda w, gi: w + rho * gi / (norm + 1e-12), params["body"], g_body),
+        "head": params["head"],
+    }
+    return jax.grad(loss)(point)["body"], g["head"]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
+        a,
+        b,
+    )
+
+
+def test_multi_transform_sam_on_some_layers():
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    rho, lr_sam, lr_plain = 0.2, 0.1, 0.03
+    labels = {"body": {"w": "sam", "b": "sam"}, "head": {"w": "plain", "b": "plain"}}
+    opt = optax.multi_transform(
+        {"sam": optax.chain(agsopt.sam(rho), optax.sgd(lr_sam)), "plain": optax.sgd(lr_plain)},
+        labels,
+    )
+
+    @jax.jit
+    def update(state, params):
+        grads = jax.grad(loss)(params)
+        return opt.update(grads, state, params, value_fn=agsopt.fill_masked_params(loss, params))
+
+    updates, _ = update(opt.init(params), params)
+    sharp_body, g_head = _sam_on_body(params, loss, rho)
+    _close(updates["body"], jax.tree.map(lambda g: -lr_sam * g, sharp_body))
+    _close(updates["head"], jax.tree.map(lambda g: -lr_plain * g, g_head))
+    # not the same as SAM on every leaf (whose norm runs over all leaves)
+    full = optax.chain(agsopt.sam(rho), optax.sgd(lr_sam))
+    everywhere, _ = full.update(jax.grad(loss)(params), full.init(params), params, value_fn=loss)
+    assert not np.allclose(
+        np.asarray(everywhere["body"]["w"]), np.asarray(updates["body"]["w"]), rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_masked_sam_with_prefix_or_full_mask(prefix):
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    rho = 0.3
+    mask = (
+        {"body": True, "head": False}
+        if prefix
+        else {"body": {"w": True, "b": True}, "head": {"w": False, "b": False}}
+    )
+    opt = optax.masked(agsopt.sam(rho), mask)
+    grads = jax.grad(loss)(params)
+    out, state = opt.update(
+        grads, opt.init(params), params, value_fn=agsopt.fill_masked_params(loss, params)
+    )
+    sharp_body, g_head = _sam_on_body(params, loss, rho)
+    _close(out["body"], sharp_body)
+    _close(out["head"], g_head)  # passed through untouched
+    assert int(state.inner_state.count) == 1
+
+
+def test_masked_bsam():
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    opt = optax.masked(agsopt.bsam(0.1, 0.05), {"body": True, "head": False})
+    grads = jax.grad(loss)(params)
+    out, _ = opt.update(
+        grads, opt.init(params), params, value_fn=agsopt.fill_masked_params(loss, params)
+    )
+    # written out on the body leaves: ĝ over the body, points w ± ρ ĝ, head held at w
+    g = grads["body"]
+    norm = np.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(g))) + 1e-12
+
+    def body_grad(shift):
+        point = {
+            "body": jax.tree.map(lambda w, gi: w + shift * gi / norm, params["body"], g),
+            "head": params["head"],
+        }
+        return jax.grad(loss)(point)["body"]
+
+    g_max, g_min = body_grad(0.1), body_grad(-0.05)
+    nrm = lambda t: np.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(t)))
+    ratio = nrm(g_max) / nrm(g_min)
+    expected = jax.tree.map(lambda a, b, c: a + b - ratio * c, g_max, g, g_min)
+    _close(out["body"], expected)
+    _close(out["head"], grads["head"])
+
+
+def test_plain_value_fn_under_masking_names_the_fix():
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    opt = optax.masked(agsopt.sam(0.1), {"body": True, "head": False})
+    with pytest.raises(TypeError, match="fill_masked_params"):
+        opt.update(jax.grad(loss)(params), opt.init(params), params, value_fn=loss)
+
+
+def test_fill_masked_params_passes_full_trees_through():
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    filled = agsopt.fill_masked_params(loss, params)
+    shifted = jax.tree.map(lambda x: x + 0.1, params)
+    assert float(filled(shifted)) == float(loss(shifted))
