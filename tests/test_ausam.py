@@ -17,9 +17,13 @@ from agsopt.sharpness import (
     ausam,
     ausam_adlp,
     ausam_f_max,
+    ausam_record,
+    ausam_sam_on_subset,
     ausam_sample_subset,
     ausam_sampling_probs,
+    ausam_select_subset,
     ausam_subset_size,
+    ausam_valid_ids,
 )
 
 ausam_module = importlib.import_module("agsopt.sharpness._ausam")
@@ -489,3 +493,87 @@ def test_inject_hyperparams_schedules_rho():
     g_s, _, _ = expected_sam(np.arange(BATCH))
     assert_tree_allclose(out, g_s)
     assert float(state.hyperparams["rho"]) == pytest.approx(RHO)
+
+
+# ---------------------------------------------------------------------------- kernels
+# Each kernel of the update on its own, against a formula written out here.
+
+
+def test_kernel_valid_ids():
+    n = 10
+    ids = np.asarray([0, 9, 10, -1, 4, 2**31 - 1, -(2**31)], np.int32)
+    safe, valid = ausam_valid_ids(jnp.asarray(ids), n)
+    expected_valid = (ids >= 0) & (ids < n)
+    np.testing.assert_array_equal(np.asarray(valid), expected_valid)
+    np.testing.assert_array_equal(np.asarray(safe), np.where(expected_valid, ids, 0))
+    assert safe.dtype == jnp.int32
+    # unsigned ids: no wrap to negative, the large ones are simply out of range
+    uids = np.asarray([3, 2**32 - 1, 2**31 + 3], np.uint32)
+    safe, valid = ausam_valid_ids(jnp.asarray(uids), n)
+    np.testing.assert_array_equal(np.asarray(valid), [True, False, False])
+    np.testing.assert_array_equal(np.asarray(safe), [3, 0, 0])
+
+
+def test_kernel_select_subset_draws_from_the_formula_probabilities():
+    """Positions = Gumbel-top-k of p_i = s_i/Σs with s from ADLP = sum/count; unseen and
+    invalid entries take the largest seen ADLP."""
+    n, k = 12, 3
+    dlp_sum = np.asarray([0.3, 0.0, 1.2, 0.4, 2.0, 0.0, 0.9, 0.6, 0.1, 0.0, 0.5, 3.0])
+    dlp_count = np.asarray([1, 0, 3, 2, 4, 0, 1, 2, 1, 0, 1, 6])
+    ids = np.asarray([0, 1, 2, 3, 4, 6, 7, 8], np.int32)  # id 1 is unseen
+    valid = np.asarray([True] * 7 + [False])  # the last one is out of range
+    f_min, f_max_t = 0.1, 0.35
+    a = dlp_sum[ids] / np.maximum(dlp_count[ids], 1)
+    seen = (dlp_count[ids] > 0) & valid
+    a = np.where(seen, a, a[seen].max())
+    s = f_min + (f_max_t - f_min) * (a - a.min()) / (a.max() - a.min())
+    p = s / s.sum()
+    for seed in range(5):
+        key = jax.random.key(seed)
+        got = ausam_select_subset(
+            key,
+            jnp.asarray(dlp_sum, jnp.float32),
+            jnp.asarray(dlp_count, jnp.int32),
+            jnp.asarray(ids),
+            jnp.asarray(valid),
+            k,
+            f_min,
+            f_max_t,
+        )
+        expected = ausam_sample_subset(key, jnp.asarray(p, jnp.float32), k)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert n == len(dlp_sum)
+
+
+def test_kernel_sam_on_subset_matches_formula():
+    positions = np.asarray([5, 1, 6], np.int32)
+    g_s, dlp, loss = ausam_sam_on_subset(make_loss(), PARAMS, jnp.asarray(positions), RHO)
+    expected_g_s, expected_dlp, expected_loss = expected_sam(positions)
+    assert_tree_allclose(g_s, expected_g_s)
+    np.testing.assert_allclose(np.asarray(dlp), expected_dlp, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
+    assert dlp.dtype == jnp.float32 and dlp.shape == (3,)
+
+
+def test_kernel_record_is_a_scatter_add_of_finite_in_range_dlps():
+    n = 6
+    dlp_sum = np.asarray([0.5, 0.0, 1.0, 0.2, 0.0, 0.7])
+    dlp_count = np.asarray([2, 0, 1, 1, 0, 3])
+    record_ids = np.asarray([1, 3, 3, -1, 6, 4, 0])
+    dlp = np.asarray([0.25, 0.5, 0.125, 9.0, 9.0, np.nan, 1.5])
+    new_sum, new_count = ausam_record(
+        jnp.asarray(dlp_sum, jnp.float32),
+        jnp.asarray(dlp_count, jnp.int32),
+        jnp.asarray(record_ids, jnp.int32),
+        jnp.asarray(dlp, jnp.float32),
+    )
+    expected_sum, expected_count = dlp_sum.copy(), dlp_count.copy()
+    for i, d in zip(record_ids, dlp, strict=True):
+        if 0 <= i < n and np.isfinite(d):
+            expected_sum[i] += d
+            expected_count[i] += 1
+    np.testing.assert_allclose(np.asarray(new_sum), expected_sum, rtol=1e-7)
+    np.testing.assert_array_equal(np.asarray(new_count), expected_count)
+    assert new_sum.dtype == jnp.float32 and new_count.dtype == jnp.int32
+    # the running mean after the update: (old mean · old count + Σ new) / new count
+    np.testing.assert_allclose(float(new_sum[3] / new_count[3]), (0.2 + 0.5 + 0.125) / 3)

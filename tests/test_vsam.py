@@ -17,7 +17,13 @@ from agsopt.sharpness import (
     vsam,
     vsam_block_variance,
     vsam_control,
+    vsam_push_records,
+    vsam_record_leaves,
     vsam_relative_change,
+    vsam_reuse_step,
+    vsam_sam_step,
+    vsam_step_position,
+    vsam_window_control,
 )
 
 vsam_module = importlib.import_module("agsopt.sharpness._vsam")
@@ -502,3 +508,205 @@ def test_inject_hyperparams_schedules_rho():
     gn = np_norm(g)
     assert_tree_allclose(out, np_grad({k: w[k] + RHO * g[k] / gn for k in w}))
     assert float(state.hyperparams["rho"]) == pytest.approx(RHO)
+
+
+# ---------------------------------------------------------------------------- kernels
+# Each branch of the update on its own, against a formula written out here.
+
+
+def test_kernel_step_position():
+    warmup, window = 7, 5
+    for count in range(40):
+        in_warmup, pos, start = vsam_step_position(jnp.asarray(count, jnp.int32), warmup, window)
+        assert bool(in_warmup) == (count < warmup)
+        expected_pos = 0 if count < warmup else (count - warmup) % window
+        assert int(pos) == expected_pos
+        assert bool(start) == (count >= warmup and (count - warmup) % window == 0)
+
+
+def test_kernel_window_control_counts_and_spreads_sam_steps():
+    window, a1, a2, max_sr = 10, 0.13, 0.4, 8.0
+    rng = np.random.default_rng(5)
+    ratio = rng.uniform(0.2, 0.6, window)
+    var = rng.uniform(0.01, 0.05, window)
+    base_sr = 3.4
+    expected = base_sr * (1 + a1 * np_relative_change(ratio) + a2 * np_relative_change(var))
+    expected = float(np.clip(expected, 1.0, max_sr))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    new_sr, schedules = jax.vmap(
+        lambda k: vsam_window_control(
+            k,
+            jnp.asarray(base_sr, jnp.float32),
+            jnp.asarray(ratio, jnp.float32),
+            jnp.asarray(var, jnp.float32),
+            a1,
+            a2,
+            max_sr,
+            window,
+        )
+    )(keys)
+    np.testing.assert_allclose(np.asarray(new_sr), expected, rtol=1e-5)
+    n = int(np.floor(expected))
+    assert n >= 2
+    schedules = np.asarray(schedules)
+    assert schedules.shape == (2000, window) and schedules.dtype == bool
+    np.testing.assert_array_equal(schedules.sum(1), n)  # exactly floor(base_sr) per window
+    # uniform placement: every position is a SAM step with probability n/K (5σ bound)
+    freq = schedules.mean(0)
+    sigma = math.sqrt(n / window * (1 - n / window) / len(keys))
+    assert np.all(np.abs(freq - n / window) < 5 * sigma)
+
+
+def test_kernel_push_records_matches_formula():
+    rng = np.random.default_rng(3)
+    window, blocks, eps = 8, 2, 1e-12
+    ratio, norms, var = (rng.uniform(0.1, 1.0, window) for _ in range(3))
+    psf_norm, grad_norm = 0.37, 1.9
+    got = vsam_push_records(
+        tuple(jnp.asarray(h, jnp.float32) for h in (ratio, norms, var)),
+        jnp.asarray(psf_norm),
+        jnp.asarray(grad_norm),
+        blocks,
+        eps,
+    )
+    pushed_norms = np.append(norms[1:], psf_norm)
+    expected = (
+        np.append(ratio[1:], psf_norm / (grad_norm + eps)),
+        pushed_norms,
+        np.append(var[1:], np_block_variance(pushed_norms, blocks)),
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == jnp.float32 and g.shape == (window,)
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5)
+
+
+def test_kernel_sam_step_matches_formula_and_keeps_state_on_nonfinite():
+    window, blocks = 6, 2
+    base = np.linspace(0.1, 0.6, window)
+    histories = tuple(jnp.asarray(base * c, jnp.float32) for c in (1, 2, 3))
+    grads = jax.grad(quartic_loss)(PARAMS)
+    out, psf, records = vsam_sam_step(
+        quartic_loss, PARAMS, grads, grads, PSF, histories, RHO, last_layer=1, var_blocks=blocks
+    )
+    w = to_np(PARAMS)
+    g = np_grad(w)
+    gn = np_norm(g)
+    g_s = np_grad({k: w[k] + RHO * g[k] / gn for k in w})
+    assert_tree_allclose(out, g_s)
+    expected_psf = {k: g_s[k] - g[k] for k in w}
+    assert_tree_allclose(psf, expected_psf, rtol=1e-4)
+    psf_norm, grad_norm = np_norm(expected_psf, ["b"]), np_norm(g, ["b"])  # last leaf: "b"
+    h = [np.asarray(x, np.float64) for x in histories]
+    pushed = np.append(h[1][1:], psf_norm)
+    np.testing.assert_allclose(
+        np.asarray(records[0]), np.append(h[0][1:], psf_norm / grad_norm), rtol=1e-4
+    )
+    np.testing.assert_allclose(np.asarray(records[1]), pushed, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(records[2]), np.append(h[2][1:], np_block_variance(pushed, blocks)), rtol=1e-4
+    )
+
+    def nan_loss(p):
+        return quartic_loss(p) * jnp.nan
+
+    out, psf, records = vsam_sam_step(
+        nan_loss, PARAMS, grads, grads, PSF, histories, RHO, last_layer=1, var_blocks=blocks
+    )
+    assert not np.all(np.isfinite(np.asarray(out["a"])))  # passed on for the caller to see
+    assert_tree_allclose(psf, to_np(PSF), rtol=0, atol=0)  # not stored
+    for new, old in zip(records, histories, strict=True):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+@pytest.mark.parametrize("reuse_count", [0, 3, 5, 6])
+def test_kernel_reuse_step_matches_formula(reuse_count):
+    grads = to_np(jax.grad(quartic_loss)(PARAMS))
+    weight, beta, horizon = 0.49, 0.7, 6
+    out, new_weight, new_count = vsam_reuse_step(
+        jax.tree.map(jnp.asarray, {k: v.astype(np.float32) for k, v in grads.items()}),
+        PSF,
+        jnp.asarray(weight, jnp.float32),
+        jnp.asarray(reuse_count, jnp.int32),
+        beta,
+        horizon,
+    )
+    if reuse_count < horizon:
+        r = beta * weight
+        assert_tree_allclose(out, {k: grads[k] + r * np.asarray(PSF[k], np.float64) for k in grads})
+        np.testing.assert_allclose(float(new_weight), r, rtol=1e-6)
+        assert int(new_count) == reuse_count + 1
+    else:  # no reuse left: g exactly, counters unchanged
+        for k in grads:
+            np.testing.assert_array_equal(np.asarray(out[k]), grads[k].astype(np.float32))
+        assert float(new_weight) == pytest.approx(weight) and int(new_count) == reuse_count
+    assert new_weight.dtype == jnp.float32 and new_count.dtype == jnp.int32
+
+
+def test_kernel_record_leaves():
+    tree = {"layer_9": jnp.ones(2), "layer_10": 2 * jnp.ones(3), "head": {"w": 3 * jnp.ones(4)}}
+    # jax.tree.leaves sorts dict keys: head, layer_10, layer_9 — "last" is layer_9, not the head
+    assert [x.shape for x in vsam_record_leaves(tree, 1)] == [(2,)]
+    assert [x.shape for x in vsam_record_leaves(tree, 2)] == [(3,), (2,)]
+    assert len(vsam_record_leaves(tree, None)) == 3
+    assert len(vsam_record_leaves(tree, 99)) == 3
+    mask = {"layer_9": False, "layer_10": False, "head": True}  # a prefix mask
+    assert [x.shape for x in vsam_record_leaves(tree, mask)] == [(4,)]
+    full_mask = {"layer_9": True, "layer_10": False, "head": {"w": True}}
+    assert sorted(x.shape for x in vsam_record_leaves(tree, full_mask)) == [(2,), (4,)]
+    by_rank = vsam_record_leaves(tree, lambda p: jax.tree.map(lambda x: x.shape[0] > 2, p))
+    assert sorted(x.shape for x in by_rank) == [(3,), (4,)]
+    with pytest.raises(ValueError, match="last_layer"):
+        vsam_record_leaves(tree, {"a": True})
+    with pytest.raises(ValueError, match="last_layer"):
+        vsam_record_leaves(tree, {"layer_9": False, "layer_10": False, "head": False})
+    with pytest.raises(TypeError, match="last_layer"):
+        vsam_record_leaves(tree, lambda p: jax.tree.map(lambda x: x.sum() > 0, p))
+
+
+def test_last_layer_mask_picks_the_recorded_norms():
+    mask = {"a": True, "b": False}
+    opt = vsam(RHO, warmup_steps=3, last_layer=mask, window=10, var_blocks=2)
+    _, state = step(opt, opt.init(PARAMS))
+    w = to_np(PARAMS)
+    g = np_grad(w)
+    g_s = np_grad({k: w[k] + RHO * g[k] / np_norm(g) for k in w})
+    psf = {k: g_s[k] - g[k] for k in w}
+    np.testing.assert_allclose(float(state.psf_norm_history[-1]), np_norm(psf, ["a"]), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(state.ratio_history[-1]), np_norm(psf, ["a"]) / np_norm(g, ["a"]), rtol=1e-4
+    )
+    for bad in (True, {"a": 1, "b": 0}, {"a": False, "b": False}):
+        with pytest.raises((TypeError, ValueError), match="last_layer"):
+            vsam(RHO, warmup_steps=3, last_layer=bad)
+
+
+def run_other(opt, state):
+    return opt.update(jax.grad(quartic_loss)(PARAMS), state, PARAMS, value_fn=quartic_loss)
+
+
+def test_warmup_in_the_references_terms():
+    steps_per_epoch = 4
+    opt = vsam(RHO, steps_per_epoch=steps_per_epoch, window=4, var_blocks=2, key=1)
+    state = opt.init(PARAMS)
+    flags = []
+    for _ in range(3 * steps_per_epoch + 4):
+        _, state = run_other(opt, state)
+        flags.append(bool(state.last_was_sam))
+    assert all(flags[: 3 * steps_per_epoch])  # 3 epochs of SAM steps (warmup_epochs=3)
+    # then a window of 4: base_sr ≤ 1·(1 + 0.13 + 0.13) < 2, so exactly one SAM step
+    assert sum(flags[3 * steps_per_epoch :]) == 1
+    opt = vsam(RHO, steps_per_epoch=5, warmup_epochs=1, window=4, var_blocks=2)
+    state = opt.init(PARAMS)
+    flags = []
+    for _ in range(5 + 4):
+        _, state = run_other(opt, state)
+        flags.append(bool(state.last_was_sam))
+    assert all(flags[:5]) and sum(flags[5:]) == 1
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        vsam(RHO)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        vsam(RHO, steps_per_epoch=4, warmup_steps=3)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        vsam(RHO, steps_per_epoch=4, warmup_epochs=-1)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        vsam(RHO, steps_per_epoch=0)
