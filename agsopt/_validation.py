@@ -74,3 +74,50 @@ def require_value_fn(value_fn: Callable[..., Any] | None, owner: str) -> Callabl
     if not callable(value_fn):
         raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}")
     return value_fn
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` is ``True`` or ``False`` (not a truthy string or number)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_float_params(params: Any, owner: str, name: str = "params") -> None:
+    """Every leaf of ``params`` is a real floating array and there is at least one entry.
+
+    Integer leaves would be perturbed and updated after truncation, complex ones need the
+    conjugate (Wirtinger) gradient that a real Gaussian estimate does not give: both are a
+    ``TypeError`` naming the leaf (``jax.tree_util.keystr`` of its path).
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, leaf in leaves:
+        dtype = jax.numpy.result_type(leaf)
+        if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise TypeError(
+                f"{owner}: every leaf of {name} must be a real floating array (float32, "
+                f"bfloat16, float16, float64), got {dtype} at {name}{jax.tree_util.keystr(path)}"
+            )
+    if sum(int(np.size(leaf)) for _, leaf in leaves) == 0:
+        raise ValueError(f"{owner}: {name} has no entries (an empty pytree); nothing to smooth")
+
+
+def check_scalar_output(fun: Callable[..., Any], args: Any, owner: str, name: str) -> None:
+    """``fun(args)`` returns a real scalar (shape ``()``), checked once by ``jax.eval_shape``
+    (trace time only: nothing is evaluated)."""
+    out = jax.eval_shape(fun, args)
+    leaves = jax.tree.leaves(out)
+    if len(leaves) == 1 and getattr(leaves[0], "shape", None) == ():
+        dtype = leaves[0].dtype
+        if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating) or not (
+            jax.numpy.issubdtype(dtype, jax.numpy.number)
+            or jax.numpy.issubdtype(dtype, jax.numpy.bool_)
+        ):
+            raise TypeError(f"{owner}: {name} must return a real scalar, got dtype {dtype}")
+        return
+    got = (
+        f"shape {leaves[0].shape} {leaves[0].dtype}"
+        if len(leaves) == 1
+        else f"{type(out).__name__} with {len(leaves)} arrays"
+    )
+    raise TypeError(f"{owner}: {name} must return a scalar (shape ()), got {got}")

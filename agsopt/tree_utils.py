@@ -85,12 +85,38 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
+SEED_LIMIT = 2**64
+
+
+def _seed_key(seed: int) -> jax.Array:
+    """The typed key of an int seed in ``[0, 2**64)``, the same in float32 and x64 mode.
+
+    Seeds below ``2**32`` give ``jax.random.key(seed)``. A larger seed keeps its high word
+    instead of losing it (``jax.random.key`` truncates to 32 bits outside x64 mode, so
+    ``2**40`` would alias ``0``): with the default threefry implementation its key data is
+    ``[seed >> 32, seed & 0xffffffff]``, which is what ``jax.random.key(seed)`` gives in x64
+    mode; with another implementation it is ``fold_in(key(seed & 0xffffffff), seed >> 32)``.
+    """
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"key: an int seed must lie in [0, 2**64), got {seed}")
+    high, low = divmod(seed, 2**32)
+    typed = jax.random.key(low)
+    if high == 0:
+        return typed
+    impl = jax.random.key_impl(typed)
+    if str(impl) == "threefry2x32":
+        return jax.random.wrap_key_data(jnp.asarray([high, low], jnp.uint32), impl=impl)
+    return jax.random.fold_in(typed, high)
+
+
 def as_key(key: int | jax.Array) -> jax.Array:
-    """Accept an int seed (also a 0-d integer array), a typed key or a raw ``uint32`` key."""
+    """Accept an int seed in ``[0, 2**64)`` (also a 0-d integer array), a typed key or a raw
+    ``uint32`` key. Distinct seeds give distinct keys (see :func:`_seed_key`); a negative or
+    too large seed is a ``ValueError``."""
     if isinstance(key, bool):
         raise TypeError("key must be an int seed or a JAX PRNG key, got bool")
     if isinstance(key, numbers.Integral):
-        return jax.random.key(int(key))
+        return _seed_key(int(key))
     dtype = getattr(key, "dtype", None)
     if dtype is not None:
         if jnp.issubdtype(dtype, jax.dtypes.prng_key):
@@ -98,6 +124,8 @@ def as_key(key: int | jax.Array) -> jax.Array:
         if dtype == jnp.uint32 and jnp.shape(key)[-1:] == (2,):
             return jax.random.wrap_key_data(key)
         if jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0:
+            if not isinstance(key, jax.core.Tracer):
+                return _seed_key(int(key))
             return jax.random.key(key)  # e.g. a seed turned into an array by inject_hyperparams
     raise TypeError(
         f"key must be an int seed or a JAX PRNG key, got {type(key).__name__} {dtype or ''}"

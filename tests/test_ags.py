@@ -199,8 +199,8 @@ def test_num_evaluations_counter(method, per_step):
 def test_nonfinite_steps_counters_and_rule_state(rule_name, threshold):
     """Steps: finite, finite, all-NaN, partly NaN, finite. The counters add up (2N
     evaluations a step; N non-finite on the NaN step, between 1 and N − 1 on the partial
-    one), the all-NaN step returns a zero update, a NaN value and leaves the rule's state
-    exactly as it was, while the finite steps do move it."""
+    one), the all-NaN step returns a zero update, keeps the last finite value and leaves the
+    rule's state exactly as it was (one skipped step), while the finite steps do move it."""
     n = 5
     opt = agsopt.ags(sigma=0.5, num_samples=n, covariance=rule_name, key=10)
     all_nan = lambda p: jnp.float32(jnp.nan) + 0.0 * half_square(p)
@@ -219,7 +219,9 @@ def test_nonfinite_steps_counters_and_rule_state(rule_name, threshold):
     assert int(state.count) == 5
     before, updates, after = history[2]
     np.testing.assert_array_equal(flat(updates), np.zeros(DIM))
-    assert np.isnan(float(after.value))
+    assert float(after.value) == float(before.value) and np.isfinite(float(after.value))
+    assert [int(s.num_skipped) for _, _, s in history] == [0, 0, 1, 1, 1]
+    assert int(state.num_rule_skipped) == 0
     jax.tree.map(np.testing.assert_array_equal, after.rule_state, before.rule_state)
     assert not np.array_equal(flat(after.key), flat(before.key))
     for before, updates, after in (history[1], history[3]):

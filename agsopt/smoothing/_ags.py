@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
+from agsopt.smoothing import estimator
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
-from agsopt.smoothing.estimator import METHODS, smoothed_value_and_grad
-from agsopt.tree_utils import key_for_state, split_state_key
+from agsopt.smoothing.estimator import METHODS, SmoothedEstimate
+from agsopt.tree_utils import key_for_state, split_state_key, tree_all_finite
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
@@ -32,16 +33,28 @@ ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
 DEFAULT_COVARIANCE = "adaptive_gradient_aligned"
 
 
+COUNTER_MAX = int(jnp.iinfo(jnp.int32).max)
+
+
 class AGSState(NamedTuple):
-    """State of :func:`ags`.
+    """State of :func:`ags`. Every leaf keeps its dtype and shape from step to step (float32
+    and x64 mode alike), so the state can be carried through ``lax.scan``.
 
     Attributes:
       key: raw PRNG key data (``jax.random.key_data``), split at every step.
       count: steps taken (drives a σ schedule).
       rule_state: the covariance rule's state.
-      value: the last Monte Carlo estimate of the smoothed loss f_Σ (0 before the first step).
+      value: the most recent finite Monte Carlo estimate of the smoothed loss f_Σ (float32;
+        0 before the first one: finite, so that the state compares equal across processes).
       num_evaluations: function evaluations spent so far (all steps).
-      num_nonfinite: samples left out so far because the loss was not finite.
+      num_nonfinite: samples left out so far because the loss (or, first-order, its
+        gradient) was not finite.
+      num_skipped: steps skipped — zero update, rule state kept — because σ was not finite
+        and positive, no sample was finite, or the estimate itself was not finite.
+      num_rule_skipped: applied steps whose covariance-rule update was dropped because the
+        rule's new state was not finite (Σ keeps its last shape).
+
+    The counters are int32 and saturate at ``COUNTER_MAX = 2**31 − 1`` instead of wrapping.
     """
 
     key: jax.Array
@@ -50,12 +63,45 @@ class AGSState(NamedTuple):
     value: jax.Array
     num_evaluations: jax.Array
     num_nonfinite: jax.Array
+    num_skipped: jax.Array
+    num_rule_skipped: jax.Array
 
 
 def _check_sigma(sigma: ScalarOrSchedule) -> None:
     if callable(sigma):
         return
+    if sigma is None or not jax.tree.leaves(sigma):
+        raise TypeError(
+            "sigma must be a positive number, one per leaf, a pytree like the parameters, "
+            f"or an Optax schedule count -> sigma; got {sigma!r}"
+        )
     validation.check_positive("sigma", sigma)
+
+
+def _sigma_is_static(sigma: ScalarOrSchedule) -> bool:
+    """σ was checked at construction: not a schedule and every leaf concrete."""
+    return not callable(sigma) and all(validation.is_concrete(s) for s in jax.tree.leaves(sigma))
+
+
+def _sigma_is_valid(sigma_now: PyTree) -> jax.Array:
+    """Is every entry of the step's σ finite and positive? (a traced boolean)"""
+    leaves = [jnp.asarray(s) for s in jax.tree.leaves(sigma_now)]
+    if not leaves:
+        raise TypeError(f"agsopt.ags: the sigma schedule returned no value ({sigma_now!r})")
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(s) & (s > 0)) for s in leaves]))
+
+
+def _saturating_add(counter: jax.Array, increment: jax.Array) -> jax.Array:
+    """``counter + increment`` (int32, increment ≥ 0), saturating at ``COUNTER_MAX``."""
+    increment = jnp.asarray(increment, jnp.int32)
+    total = jnp.where(counter > COUNTER_MAX - increment, COUNTER_MAX, counter + increment)
+    return total.astype(jnp.int32)
+
+
+def _skipped_estimate(shapes: SmoothedEstimate) -> SmoothedEstimate:
+    """What a step with an invalid σ returns: no evaluation, a zero gradient, a NaN value."""
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return zeros._replace(value=jnp.full(shapes.value.shape, jnp.nan, shapes.value.dtype))
 
 
 def ags(
@@ -85,6 +131,9 @@ def ags(
     Args:
       sigma: the smoothing scale σ > 0: a scalar, one per leaf or a pytree like the
         parameters, or an Optax schedule ``count -> σ`` (e.g. ``optax.exponential_decay``).
+        A schedule (or an injected σ) is checked at every step: a step whose σ is not finite
+        and positive (``optax.linear_schedule(0.0, 0.5, 5)`` at count 0) is skipped — zero
+        update, nothing evaluated, the rule's state kept — and counted in ``num_skipped``.
       num_samples: Monte Carlo directions per step (antithetic pairs count once).
       covariance: ``"adaptive_gradient_aligned"`` (default), ``"gradient_aligned"``,
         ``"adaptive_diagonal"``, ``"isotropic"`` (IGS), or a
@@ -97,26 +146,39 @@ def ags(
       sample_sharding: shard the Monte Carlo sample axis over devices (see
         :func:`agsopt.estimator.smoothed_value_and_grad`).
 
-    Non-finite losses at some samples are left out and counted in ``num_nonfinite``; a step
-    at which no sample is finite returns a zero update and leaves the covariance rule's
-    state unchanged.
+    Non-finite losses at some samples are left out and counted in ``num_nonfinite``. A step
+    at which no sample is finite, or whose estimate is not finite (∇f_Σ out of float range),
+    or whose σ is invalid, returns a zero update, keeps the covariance rule's state and is
+    counted in ``num_skipped``: no single bad step corrupts the state, so no
+    ``optax.apply_if_finite`` is needed behind ``ags``. A rule update whose new state is not
+    finite is dropped (counted in ``num_rule_skipped``). Finite losses whose Monte Carlo
+    sums would overflow are handled by the estimator's power-of-two scaling.
+
+    The parameters must be a non-empty pytree of real floating arrays (checked at ``init``
+    and ``update``) and ``value_fn`` must return a real scalar (checked once per trace).
     """
     _check_sigma(sigma)
     num_samples = validation.check_int("num_samples", num_samples, minimum=1)
     validation.check_choice("method", method, METHODS)
+    orthogonal = validation.check_bool("orthogonal", orthogonal)
+    sigma_static = _sigma_is_static(sigma)
     if chunk_size is not None:
         validation.check_int("chunk_size", chunk_size, minimum=1)
     rule = get_rule(covariance)
     key_data, key_impl = key_for_state(key)
 
     def init_fn(params: PyTree) -> AGSState:
+        validation.check_float_params(params, "agsopt.ags")
+        zero = jnp.zeros((), jnp.int32)
         return AGSState(
             key=key_data,
-            count=jnp.zeros((), jnp.int32),
+            count=zero,
             rule_state=rule.init(params),
             value=jnp.zeros((), jnp.float32),  # finite: multi-process device_put compares
-            num_evaluations=jnp.zeros((), jnp.int32),
-            num_nonfinite=jnp.zeros((), jnp.int32),
+            num_evaluations=zero,
+            num_nonfinite=zero,
+            num_skipped=zero,
+            num_rule_skipped=zero,
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -126,32 +188,52 @@ def ags(
             raise TypeError("agsopt.ags: update() needs params")
         next_key, step_key = split_state_key(state.key, key_impl)
         sigma_now = sigma(state.count) if callable(sigma) else sigma
-        matrix = rule.matrix(state.rule_state, sigma_now)
-        estimate = smoothed_value_and_grad(
-            value_fn,
-            params,
-            step_key,
-            matrix,
-            num_samples=num_samples,
-            method=method,
-            orthogonal=orthogonal,
-            chunk_size=chunk_size,
-            sample_sharding=sample_sharding,
-        )
-        any_finite = estimate.num_nonfinite < num_samples
+
+        def run_estimate() -> SmoothedEstimate:
+            return estimator.estimate(
+                value_fn,
+                params,
+                step_key,
+                rule.matrix(state.rule_state, sigma_now),
+                num_samples=num_samples,
+                method=method,
+                orthogonal=orthogonal,
+                chunk_size=chunk_size,
+                sample_sharding=sample_sharding,
+                owner="agsopt.ags",
+                fun_name="value_fn",
+            )
+
+        if sigma_static:  # checked at construction
+            sigma_ok = jnp.asarray(True)
+            estimate = run_estimate()
+        else:  # a schedule or an injected σ: nothing is evaluated at an invalid one
+            sigma_ok = _sigma_is_valid(sigma_now)
+            skipped = _skipped_estimate(jax.eval_shape(run_estimate))
+            estimate = jax.lax.cond(sigma_ok, run_estimate, lambda: skipped)
+        applied = sigma_ok & (estimate.num_nonfinite < num_samples) & tree_all_finite(estimate.grad)
+        grad = jax.tree.map(lambda g: jnp.where(applied, g, jnp.zeros_like(g)), estimate.grad)
         candidate = rule.update(state.rule_state, estimate.grad)
+        rule_ok = tree_all_finite(candidate)
         rule_state = jax.tree.map(
-            lambda new, old: jnp.where(any_finite, new, old), candidate, state.rule_state
+            lambda new, old: jnp.where(applied & rule_ok, new, old).astype(old.dtype),
+            candidate,
+            state.rule_state,
         )
+        value = estimate.value.astype(jnp.float32)
         new_state = AGSState(
             key=next_key,
             count=optax.safe_increment(state.count),
             rule_state=rule_state,
-            value=estimate.value.astype(jnp.float32),
-            num_evaluations=state.num_evaluations + estimate.num_evaluations,
-            num_nonfinite=state.num_nonfinite + estimate.num_nonfinite,
+            value=jnp.where(jnp.isfinite(value), value, state.value),
+            num_evaluations=_saturating_add(state.num_evaluations, estimate.num_evaluations),
+            num_nonfinite=_saturating_add(state.num_nonfinite, estimate.num_nonfinite),
+            num_skipped=_saturating_add(state.num_skipped, jnp.where(applied, 0, 1)),
+            num_rule_skipped=_saturating_add(
+                state.num_rule_skipped, jnp.where(applied & ~rule_ok, 1, 0)
+            ),
         )
-        return estimate.grad, new_state
+        return grad, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

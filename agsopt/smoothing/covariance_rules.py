@@ -23,8 +23,10 @@ of Σ. The rules:
   deviation of the i-th gradient coordinate, normalized to mean square 1 (so ‖Σ‖_F equals
   IGS's) and clipped: smooth more where the gradient fluctuates more.
 
-Rule states are NamedTuples of arrays. ``update`` is only applied when the estimate had at
-least one finite sample (the caller gates it), so a bad step never corrupts the state.
+Rule states are NamedTuples of arrays whose dtypes and shapes do not change from step to
+step (in float32 and in x64 mode), so they can be carried through ``lax.scan``. The caller
+(:func:`agsopt.ags`) applies ``update`` only to a finite estimate and drops a new state that
+is not finite, so a bad step never corrupts the state.
 """
 
 from __future__ import annotations
@@ -274,8 +276,10 @@ def adaptive_gradient_aligned(
 
     def update(state, grad):
         have_direction = state.count >= 1
-        projection = tree_vdot(direction(state), grad)
-        power = tree_vdot(grad, grad)
+        # The statistics keep their dtype (float32): a float64 leaf in x64 mode would
+        # otherwise promote them and change the state's dtype after one step.
+        projection = tree_vdot(direction(state), grad).astype(state.projection.dtype)
+        power = tree_vdot(grad, grad).astype(state.power.dtype)
         rho = statistics_decay
         return AdaptiveGradientAlignedState(
             momentum=_ema(state.momentum, grad, decay),

@@ -33,6 +33,25 @@ cache-sized pieces; with an explicit ``chunk_size`` the blocks follow the chunks
 
 Samples whose function values (or, first-order, gradients) are not finite are left out of
 the average and counted in ``num_nonfinite``; if none is finite the gradient is zero.
+
+Precision. ``fun`` is evaluated at ``x + Σu`` computed and *kept* in each leaf's
+accumulation dtype (float32 for bfloat16/float16 leaves, the leaf's own dtype otherwise):
+a perturbation below a low-precision dtype's spacing (σ = 1e-3 at x = 1 in bfloat16,
+whose spacing there is 2⁻⁷) is not rounded away, so the point evaluated is the point the
+weight Σ^{-T}u assumes. Rounding the point back to bfloat16 would make the estimate unbiased
+only for the smoothing of the rounded, staircase function, several times too small for
+the smooth one. The estimate is cast to each leaf's dtype at the end.
+
+Range. Finite values whose sums overflow (f = 1e37·x₀ over 256 samples) are handled: each
+chunk's values are scaled by a power of two 2^-e, e the exponent of the chunk's largest
+finite |value| (or |gradient entry|, first-order), the chunks' sums are merged at the larger
+of their exponents, and Σ^{-T} is applied before scaling back. Scaling by powers of two is
+exact, so wherever the unscaled sums did not overflow the result is the same bit for bit;
+the estimate is non-finite only when ∇f_Σ itself is out of the dtype's range.
+
+Checks (at trace time): every parameter leaf must be a real floating array (a
+``TypeError`` naming the leaf otherwise), the tree must have an entry, and ``fun`` must
+return a real scalar (checked once with ``jax.eval_shape``).
 """
 
 from __future__ import annotations
@@ -46,7 +65,7 @@ import jax.numpy as jnp
 from agsopt import _validation as validation
 from agsopt.smoothing.covariance import SmoothingMatrix
 from agsopt.smoothing.directions import sample_directions
-from agsopt.tree_utils import tree_size, tree_unflatten_vector
+from agsopt.tree_utils import accumulation_dtype, tree_size, tree_unflatten_vector
 
 PyTree = Any
 
@@ -112,20 +131,100 @@ def default_chunk_size(
 
 
 def _shift(params: PyTree, perturbation: PyTree, sign: float) -> PyTree:
-    """``x + sign · Σu`` in the noise dtype, cast back to each parameter's dtype."""
+    """``x + sign · Σu`` in the noise dtype, kept in each leaf's accumulation dtype (≥ float32:
+    a bfloat16/float16 point is not rounded back to its own dtype, see the module doc)."""
     return jax.tree.map(
-        lambda x, p: (x.astype(p.dtype) + sign * p).astype(x.dtype), params, perturbation
+        lambda x, p: (x.astype(p.dtype) + sign * p).astype(accumulation_dtype(x.dtype)),
+        params,
+        perturbation,
     )
 
 
-def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value):
-    """Sums over one chunk: (Σ w_n u_n or Σ ∇f, Σ values, number of finite samples).
+def _lift(params: PyTree) -> PyTree:
+    """The parameters as ``fun`` sees them: each leaf in its accumulation dtype (≥ float32)."""
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(accumulation_dtype(x.dtype)), params)
 
-    ``flat_directions`` is a ``(chunk, d)`` array, one direction per row.
+
+# Exponent of a chunk with nothing to sum: far below any float's range, so that merging it
+# into another chunk scales it to zero (its sums are zero anyway).
+_EMPTY_EXPONENT = -(1 << 20)
+
+
+def _pow2(exponent: jax.Array, dtype: Any) -> jax.Array:
+    """``2**exponent`` in ``dtype``, built from its bits (exact), clipped to the normal range."""
+    info = jnp.finfo(dtype)
+    bias = int(info.maxexp) - 1
+    int_dtype = jnp.int64 if info.bits == 64 else jnp.int32
+    exponent = jnp.clip(exponent, 1 - bias, bias).astype(int_dtype)
+    return jax.lax.bitcast_convert_type(jnp.left_shift(exponent + bias, int(info.nmant)), dtype)
+
+
+def _scale_by_pow2(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x · 2**exponent``, exact apart from under/overflow of the result: two factors of half
+    the exponent each, so that neither leaves the dtype's range."""
+    half = jnp.floor_divide(exponent, 2)
+    return x * _pow2(half, x.dtype) * _pow2(exponent - half, x.dtype)
+
+
+def _exponent(magnitude: jax.Array) -> jax.Array:
+    """``e`` with ``magnitude < 2**e ≤ 2·magnitude`` (``frexp``), or ``_EMPTY_EXPONENT`` for 0."""
+    _, exponent = jnp.frexp(magnitude)
+    return jnp.where(magnitude > 0, exponent.astype(jnp.int32), jnp.int32(_EMPTY_EXPONENT))
+
+
+class _Sums(NamedTuple):
+    """Partial sums over samples, each stored as ``sum · 2**-exponent`` (see the module doc).
+
+    ``vector``: ``Σ w_n u_n`` (zero-order) or ``Σ ∇f(x + Σu_n)`` (first-order);
+    ``value``: ``Σ f(x + Σu_n)``; both over the finite samples, ``num_valid`` of them.
+    """
+
+    vector: PyTree
+    vector_exponent: jax.Array
+    value: jax.Array
+    value_exponent: jax.Array
+    num_valid: jax.Array
+
+
+def _merge(a: _Sums, b: _Sums) -> _Sums:
+    """``a + b`` at the larger of the two exponents (powers of two: exact)."""
+    vector_exponent = jnp.maximum(a.vector_exponent, b.vector_exponent)
+    value_exponent = jnp.maximum(a.value_exponent, b.value_exponent)
+    vector = jax.tree.map(
+        lambda x, y: (
+            _scale_by_pow2(x, a.vector_exponent - vector_exponent)
+            + _scale_by_pow2(y, b.vector_exponent - vector_exponent)
+        ),
+        a.vector,
+        b.vector,
+    )
+    value = _scale_by_pow2(a.value, a.value_exponent - value_exponent) + _scale_by_pow2(
+        b.value, b.value_exponent - value_exponent
+    )
+    return _Sums(vector, vector_exponent, value, value_exponent, a.num_valid + b.num_valid)
+
+
+def _empty(shapes: _Sums) -> _Sums:
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    empty = jnp.int32(_EMPTY_EXPONENT)
+    return zeros._replace(vector_exponent=empty, value_exponent=empty)
+
+
+def _largest(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """The largest ``|x|`` over the valid samples (rows), 0 if there is none."""
+    valid = valid.reshape(valid.shape + (1,) * (x.ndim - valid.ndim))
+    return jnp.max(jnp.where(valid, jnp.abs(x), 0), initial=0)
+
+
+def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value, value_dtype):
+    """The :class:`_Sums` of one chunk. ``flat_directions`` is ``(chunk, d)``, a direction a row.
+
+    Each chunk is scaled by ``2**-e``, ``e`` the exponent of its largest finite |value|
+    (first-order: also of its largest gradient entry, with an exponent of its own), before
+    anything is added, so that finite values never overflow a difference or a sum.
     """
     directions = jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat_directions)
     perturbations = jax.vmap(matrix.apply)(directions)
-    value_dtype = _noise_dtype(params) if base_value is None else base_value.dtype
 
     def at(sign):
         return lambda p: jnp.asarray(fun(_shift(params, p, sign)), value_dtype)
@@ -139,45 +238,71 @@ def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value):
             jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads)
         ]
         valid = jnp.isfinite(values) & jnp.all(jnp.stack(finite_grads), axis=0)
+        grad_leaves = jax.tree.leaves(grads)
+        grad_dtype = jnp.result_type(*grad_leaves)
+        vector_exponent = _exponent(
+            jnp.max(jnp.stack([_largest(g, valid).astype(grad_dtype) for g in grad_leaves]))
+        )
+        mask = lambda g: valid.reshape((-1,) + (1,) * (g.ndim - 1))
         vector = jax.tree.map(
-            lambda g: jnp.sum(jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), 0),
+            lambda g: jnp.sum(jnp.where(mask(g), _scale_by_pow2(g, -vector_exponent), 0), 0),
             grads,
         )
+        value_exponent = _exponent(_largest(values, valid))
+        values = _scale_by_pow2(jnp.where(valid, values, 0), -value_exponent)
     else:
         if method == "antithetic":
             plus, minus = jax.vmap(lambda p: (at(1.0)(p), at(-1.0)(p)))(perturbations)
-            weights, values = (plus - minus) / 2, (plus + minus) / 2
             valid = jnp.isfinite(plus) & jnp.isfinite(minus)
+            magnitude = jnp.maximum(_largest(plus, valid), _largest(minus, valid))
         else:
             values = jax.vmap(at(1.0))(perturbations)
-            weights = values - base_value if method == "forward" else values
-            valid = jnp.isfinite(weights)
+            valid = jnp.isfinite(values)
+            if method == "forward":
+                valid = valid & jnp.isfinite(base_value)
+            magnitude = _largest(values, valid)
+            if method == "forward":
+                magnitude = jnp.maximum(magnitude, _largest(base_value, valid.any()))
+        exponent = _exponent(magnitude)
+        scaled = lambda v: _scale_by_pow2(jnp.where(valid, v, 0), -exponent)
+        if method == "antithetic":
+            plus, minus = scaled(plus), scaled(minus)
+            weights, values = (plus - minus) / 2, (plus + minus) / 2
+        else:
+            values = scaled(values)
+            if method == "forward":
+                base = _scale_by_pow2(jnp.where(jnp.isfinite(base_value), base_value, 0), -exponent)
+                weights = values - base
+            else:
+                weights = values
         weights = jnp.where(valid, weights, 0.0).astype(flat_directions.dtype)
         # A weighted sum over the rows (not a matvec): XLA fuses it with the chunk's reads
         # and the running total.
         total = jnp.sum(weights[:, None] * flat_directions, axis=0)
         vector = tree_unflatten_vector(total, params)
+        vector_exponent = value_exponent = exponent
     value_sum = jnp.sum(jnp.where(valid, values, 0.0))
-    return vector, value_sum, jnp.sum(valid, dtype=jnp.int32)
+    return _Sums(
+        vector, vector_exponent, value_sum, value_exponent, jnp.sum(valid, dtype=jnp.int32)
+    )
 
 
-def _sum_in_pieces(sums_of: Callable[[jax.Array, int], Any], total: int, piece: int) -> Any:
+def _sum_in_pieces(sums_of: Callable[[jax.Array, int], _Sums], total: int, piece: int) -> _Sums:
     """``Σ sums_of(offset, size)`` over pieces covering ``[0, total)``: the full pieces of
     ``piece`` in a ``lax.scan`` (one compiled body), then the remainder."""
     num_full, rest = divmod(total, piece)
     if num_full == 1:
         totals = sums_of(jnp.int32(0), piece)
     else:
-        zeros = jax.eval_shape(lambda: sums_of(jnp.int32(0), piece))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        empty = _empty(jax.eval_shape(lambda: sums_of(jnp.int32(0), piece)))
 
         def body(carry, offset):
-            return jax.tree.map(jnp.add, carry, sums_of(offset, piece)), None
+            return _merge(carry, sums_of(offset, piece)), None
 
         offsets = piece * jnp.arange(num_full, dtype=jnp.int32)
-        totals, _ = jax.lax.scan(body, zeros, offsets)
+        totals, _ = jax.lax.scan(body, empty, offsets)
     if rest:
-        totals = jax.tree.map(jnp.add, totals, sums_of(jnp.int32(num_full * piece), rest))
+        totals = _merge(totals, sums_of(jnp.int32(num_full * piece), rest))
     return totals
 
 
@@ -197,11 +322,14 @@ def smoothed_value_and_grad(
 
     Args:
       fun: ``params -> scalar``; called on batches of points through ``vmap``. It need not be
-        differentiable unless ``method="first_order"``.
-      params: the point x, any pytree of float arrays.
+        differentiable unless ``method="first_order"``. It receives the points with each
+        leaf in its accumulation dtype (float32 for bfloat16/float16 leaves).
+      params: the point x, a non-empty pytree of real floating arrays (``TypeError`` naming
+        the leaf for an integer or complex one).
       key: a JAX PRNG key (any implementation); sample n uses ``fold_in(key, n)`` (blocks
         fold in their first sample's index, if ``orthogonal``).
-      matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``.
+      matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``. A Σ with a zero or non-finite
+        entry gives a non-finite estimate (the :func:`agsopt.ags` wrapper checks σ).
       num_samples: N, the number of directions u_n (antithetic pairs count once).
       method: one of ``"antithetic"``, ``"forward"``, ``"plain"``, ``"first_order"``.
       orthogonal: draw orthogonal directions within blocks of ``min(d, chunk)`` samples.
@@ -217,10 +345,52 @@ def smoothed_value_and_grad(
         estimate equals the single-device one up to float summation order.
 
     Returns:
-      A :class:`SmoothedEstimate`.
+      A :class:`SmoothedEstimate`. Its ``grad`` is non-finite only if ∇f_Σ is out of the
+      parameters' range (or Σ is not invertible); ``value`` is NaN if no sample was finite.
     """
+    return estimate(
+        fun,
+        params,
+        key,
+        matrix,
+        num_samples=num_samples,
+        method=method,
+        orthogonal=orthogonal,
+        chunk_size=chunk_size,
+        sample_sharding=sample_sharding,
+        owner="agsopt.smoothed_value_and_grad",
+        fun_name="fun",
+    )
+
+
+def check_inputs(
+    fun: Callable[[PyTree], jax.Array], params: PyTree, *, owner: str, fun_name: str
+) -> None:
+    """The trace-time checks of the estimator: real floating leaves, at least one entry, and
+    ``fun`` returning a real scalar at the points it will be evaluated at."""
+    validation.check_float_params(params, owner)
+    validation.check_scalar_output(fun, _lift(params), owner, fun_name)
+
+
+def estimate(
+    fun: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    key: jax.Array,
+    matrix: SmoothingMatrix,
+    *,
+    num_samples: int,
+    method: str,
+    orthogonal: bool,
+    chunk_size: int | None,
+    sample_sharding: jax.sharding.Sharding | None,
+    owner: str,
+    fun_name: str,
+) -> SmoothedEstimate:
+    """:func:`smoothed_value_and_grad`, with the caller's names in its error messages."""
     num_samples = validation.check_int("num_samples", num_samples, minimum=1)
     validation.check_choice("method", method, METHODS)
+    orthogonal = validation.check_bool("orthogonal", orthogonal)
+    check_inputs(fun, params, owner=owner, fun_name=fun_name)
     dim = tree_size(params)
     if chunk_size is None:
         chunk = default_chunk_size(dim, num_samples, orthogonal=orthogonal)
@@ -231,9 +401,11 @@ def smoothed_value_and_grad(
     noise_dtype = _noise_dtype(params)
 
     base_value = None
+    value_dtype = noise_dtype
     if method == "forward":
-        base_value = jnp.asarray(fun(params))
+        base_value = jnp.asarray(fun(_lift(params)))
         base_value = base_value.astype(jnp.promote_types(base_value.dtype, jnp.float32))
+        value_dtype = base_value.dtype
 
     # Orthogonal blocks by default span min(d, N) directions; their evaluations then run
     # in cache-sized pieces (memory is O(block · d) for the block's directions either way).
@@ -252,18 +424,26 @@ def smoothed_value_and_grad(
 
         def sums_of_rows(offset, size):
             rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
-            return _chunk_sums(fun, params, matrix, rows, method, base_value)
+            return _chunk_sums(fun, params, matrix, rows, method, base_value, value_dtype)
 
         return _sum_in_pieces(sums_of_rows, count, piece or count)
 
     totals = _sum_in_pieces(sums_from, num_samples, chunk)
 
-    vector, value_sum, num_valid = totals
+    num_valid = totals.num_valid
     denominator = jnp.maximum(num_valid, 1)
-    mean = jax.tree.map(lambda v: v / denominator.astype(v.dtype), vector)
+    mean = jax.tree.map(lambda v: v / denominator.astype(v.dtype), totals.vector)
+    # Σ^{-T} is linear: applied to the scaled mean, then scaled back (no intermediate overflow).
     grad = mean if method == "first_order" else matrix.solve_transpose(mean)
-    grad = jax.tree.map(lambda g, x: jnp.where(num_valid > 0, g, 0).astype(x.dtype), grad, params)
-    value = jnp.where(num_valid > 0, value_sum / denominator, jnp.nan)
+    grad = jax.tree.map(
+        lambda g, x: jnp.where(num_valid > 0, _scale_by_pow2(g, totals.vector_exponent), 0).astype(
+            x.dtype
+        ),
+        grad,
+        params,
+    )
+    value = _scale_by_pow2(totals.value / denominator, totals.value_exponent)
+    value = jnp.where(num_valid > 0, value, jnp.nan)
     if base_value is not None:  # the baseline failing invalidates every sample
         value = jnp.where(jnp.isfinite(base_value), value, jnp.nan)
     return SmoothedEstimate(
