@@ -32,6 +32,7 @@ Exit status 77 means the installed jaxlib has no CPU collectives (the test then 
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -340,11 +341,16 @@ def main(process_id: int, num_processes: int, port: int, out_path: str, extended
     from jax.sharding import PartitionSpec as P
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    address = f"127.0.0.1:{port}"
+    options = {}
+    if "coordinator_bind_address" in inspect.signature(jax.distributed.initialize).parameters:
+        options["coordinator_bind_address"] = address  # loopback only, not every interface
     jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
+        coordinator_address=address,
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=60,
+        **options,
     )
     try:
         out: dict = {

@@ -73,10 +73,14 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _launch(tmp: Path, extended: bool = False) -> list[dict]:
-    """Run the processes to the end; kill all of them if one fails or the time runs out."""
+def _start(tmp: Path, extended: bool) -> tuple[list[int | None], bool]:
+    """Run the processes on a fresh port; kill all of them if one fails or time runs out.
+
+    Returns the exit codes (None: killed) and whether the time ran out.
+    """
     port = _free_port()
     procs, logs = [], []
+    timed_out = False
     try:
         for i in range(NUM_PROCESSES):
             log = (tmp / f"process{i}.log").open("w", encoding="utf-8")
@@ -92,8 +96,10 @@ def _launch(tmp: Path, extended: bool = False) -> list[dict]:
             )
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p in procs):
-            failed = any(p.returncode not in (None, 0) for p in procs)
-            if failed or time.monotonic() > deadline:
+            if any(p.returncode not in (None, 0) for p in procs):
+                break  # the others would wait for it until their own timeouts
+            if time.monotonic() > deadline:
+                timed_out = True
                 break
             time.sleep(0.2)
     finally:
@@ -103,14 +109,26 @@ def _launch(tmp: Path, extended: bool = False) -> list[dict]:
             p.wait()
         for log in logs:
             log.close()
-    codes = [p.returncode for p in procs]
-    text = "\n".join(
-        f"--- process {i} (exit {c}):\n" + (tmp / f"process{i}.log").read_text()[-4000:]
-        for i, c in enumerate(codes)
-    )
+    return [p.returncode for p in procs], timed_out
+
+
+def _launch(tmp: Path, extended: bool = False) -> list[dict]:
+    for attempt in range(2):
+        codes, timed_out = _start(tmp, extended)
+        logs = [(tmp / f"process{i}.log").read_text(errors="replace") for i in range(len(codes))]
+        text = "\n".join(
+            f"--- process {i} (exit {c}):\n{log[-4000:]}"
+            for i, (c, log) in enumerate(zip(codes, logs, strict=True))
+        )
+        # the port was taken between _free_port and the coordinator's bind: once more
+        if attempt == 0 and codes[0] not in (0, None) and "Failed to add port" in logs[0]:
+            continue
+        break
     if worker.UNAVAILABLE in codes:
         pytest.skip(f"no CPU collectives in the installed jaxlib:\n{text}")
-    assert codes == [0] * NUM_PROCESSES, f"worker processes failed or timed out:\n{text}"
+    if timed_out:
+        pytest.fail(f"the worker processes did not finish in {TIMEOUT_S} s:\n{text}")
+    assert codes == [0] * NUM_PROCESSES, f"a worker process failed:\n{text}"
     return [
         json.loads((tmp / f"process{i}.json").read_text(encoding="utf-8"))
         for i in range(NUM_PROCESSES)
