@@ -394,6 +394,7 @@ def ausam_record(
     up. Entries with a non-finite DLP or an id outside ``[0, len(dlp_sum))`` are left out
     (the record keeps its finite history). Returns ``(dlp_sum, dlp_count)`` in their dtypes.
     """
+    dlp_sum, dlp_count, dlp = jnp.asarray(dlp_sum), jnp.asarray(dlp_count), jnp.asarray(dlp)
     num_examples = dlp_sum.shape[0]
     keep = jnp.isfinite(dlp) & (record_ids >= 0) & (record_ids < num_examples)
     rec = jnp.where(keep, record_ids, num_examples).astype(jnp.int32)
@@ -541,6 +542,7 @@ def ausam(
             raise TypeError("agsopt.ausam: update() needs params")
         ids, valid = ausam_valid_ids(_check_ids(ids, num_examples), num_examples)
         _check_state(state, num_examples, key_shape)
+        state = jax.tree.map(jnp.asarray, state)  # e.g. NumPy leaves of a restored checkpoint
         batch = ids.shape[0]
         k = ausam_subset_size(alpha, batch)
         rho_t = rho(state.count) if callable(rho) else rho

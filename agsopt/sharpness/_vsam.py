@@ -610,6 +610,7 @@ def vsam(
         if params is None:
             raise TypeError("agsopt.vsam: update() needs params")
         _check_state(state, params, window, key_shape)
+        state = jax.tree.map(jnp.asarray, state)  # e.g. NumPy leaves of a restored checkpoint
         rho_t = rho(state.count) if callable(rho) else rho
         next_key, schedule_key = split_state_key(state.key, key_impl)
         in_warmup, pos, window_start = vsam_step_position(state.count, warmup, window)
