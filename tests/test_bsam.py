@@ -516,3 +516,33 @@ def test_state_dtypes_kept_over_scanned_steps(x64, step_from):
             init, p, s = _scan(optax.chain(bsam(0.05, rho_min), optax.sgd(lr)), params)
             assert dtypes(s) == dtypes(init)
             assert dtypes(p) == dtypes(params)
+
+
+def test_min_point_under_m_sharpness_averages_the_shift():
+    """step_from="min_point" with axis_name: every shard moves by the mean shift
+    −ρ_min·mean_i(ĝ_i) plus the base step on the mean direction, so replicas stay equal."""
+    n_shards, m, lr, rho_min = 3, 6, 0.1, 0.05
+    kx, ky, kw = jax.random.split(jax.random.key(5), 3)
+    xs = jax.random.normal(kx, (n_shards, m, 3))
+    ys = jax.random.normal(ky, (n_shards, m))
+    params = {"w": jax.random.normal(kw, (3,)), "c": jnp.asarray(0.2)}
+    loss = lambda p, xb, yb: jnp.mean((jnp.tanh(xb @ p["w"]) + p["c"] - yb) ** 2)
+    opt = bsam(0.1, rho_min, axis_name="s", step_from="min_point", base=optax.sgd(lr))
+    state = opt.init(params)
+
+    def per_shard(xb, yb):
+        f = lambda p: loss(p, xb, yb)
+        return opt.update(jax.grad(f)(params), state, params, value_fn=f)[0]
+
+    got = jax.vmap(per_shard, axis_name="s")(xs, ys)
+    shifts, directions = [], []
+    for i in range(n_shards):
+        f = lambda p, i=i: loss(p, xs[i], ys[i])
+        g = jax.grad(f)(params)
+        gn = np.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(g))) + 1e-12
+        shifts.append(jax.tree.map(lambda v, gn=gn: -rho_min * np.asarray(v) / gn, g))
+        directions.append(one_update(bsam(0.1, rho_min), params, f)[0])
+    mean = lambda trees: jax.tree.map(lambda *t: np.mean(np.stack(t), axis=0), *trees)
+    expected = jax.tree.map(lambda s, d: s - lr * np.asarray(d), mean(shifts), mean(directions))
+    for i in range(n_shards):
+        assert_tree_allclose(jax.tree.map(lambda t, i=i: t[i], got), expected)
