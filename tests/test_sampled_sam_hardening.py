@@ -202,10 +202,11 @@ def test_vsam_accepts_a_rho_schedule():
     schedule = optax.linear_schedule(0.05, 0.25, 4)
     opt = vsam(schedule, warmup_steps=10, window=4, var_blocks=2)
     state = opt.init(params)
+    grads = jax.grad(loss)(params)
+    step = jax.jit(lambda s: opt.update(grads, s, params, value_fn=loss))
     for count in range(3):
-        grads = jax.grad(loss)(params)
         before = state
-        out, state = jax.jit(lambda s, g=grads: opt.update(g, s, params, value_fn=loss))(state)
+        out, state = step(state)
         rho = 0.05 + 0.05 * count
         ref, _ = vsam(rho, warmup_steps=10, window=4, var_blocks=2).update(
             grads, before, params, value_fn=loss

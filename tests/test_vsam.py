@@ -680,27 +680,26 @@ def test_last_layer_mask_picks_the_recorded_norms():
             vsam(RHO, warmup_steps=3, last_layer=bad)
 
 
-def run_other(opt, state):
-    return opt.update(jax.grad(quartic_loss)(PARAMS), state, PARAMS, value_fn=quartic_loss)
+def flags_of_steps(opt, steps):
+    """``last_was_sam`` of ``steps`` jitted steps from ``opt.init``."""
+
+    def body(state, _):
+        grads = jax.grad(quartic_loss)(PARAMS)
+        _, state = opt.update(grads, state, PARAMS, value_fn=quartic_loss)
+        return state, state.last_was_sam
+
+    _, flags = jax.jit(lambda s: jax.lax.scan(body, s, length=steps))(opt.init(PARAMS))
+    return [bool(f) for f in np.asarray(flags)]
 
 
 def test_warmup_in_the_references_terms():
     steps_per_epoch = 4
     opt = vsam(RHO, steps_per_epoch=steps_per_epoch, window=4, var_blocks=2, key=1)
-    state = opt.init(PARAMS)
-    flags = []
-    for _ in range(3 * steps_per_epoch + 4):
-        _, state = run_other(opt, state)
-        flags.append(bool(state.last_was_sam))
+    flags = flags_of_steps(opt, 3 * steps_per_epoch + 4)
     assert all(flags[: 3 * steps_per_epoch])  # 3 epochs of SAM steps (warmup_epochs=3)
     # then a window of 4: base_sr ≤ 1·(1 + 0.13 + 0.13) < 2, so exactly one SAM step
     assert sum(flags[3 * steps_per_epoch :]) == 1
-    opt = vsam(RHO, steps_per_epoch=5, warmup_epochs=1, window=4, var_blocks=2)
-    state = opt.init(PARAMS)
-    flags = []
-    for _ in range(5 + 4):
-        _, state = run_other(opt, state)
-        flags.append(bool(state.last_was_sam))
+    flags = flags_of_steps(vsam(RHO, steps_per_epoch=5, warmup_epochs=1, window=4, var_blocks=2), 9)
     assert all(flags[:5]) and sum(flags[5:]) == 1
     with pytest.raises(ValueError, match="steps_per_epoch"):
         vsam(RHO)
