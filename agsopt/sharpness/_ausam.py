@@ -403,6 +403,18 @@ def ausam_record(
     return new_sum, new_count
 
 
+def _check_call(per_example_loss_fn: Any, params: PyTree) -> None:
+    if per_example_loss_fn is None:
+        raise TypeError(
+            "agsopt.ausam: update() needs the keyword argument per_example_loss_fn="
+            "lambda params, positions: per-example losses of batch[positions]"
+        )
+    if not callable(per_example_loss_fn):
+        raise TypeError("agsopt.ausam: per_example_loss_fn must be callable")
+    if params is None:
+        raise TypeError("agsopt.ausam: update() needs params")
+
+
 def _check_ids(ids: Any, num_examples: int) -> jax.Array:
     if ids is None:
         raise TypeError("agsopt.ausam: update() needs ids=<int array of dataset ids, (B,)>")
@@ -531,15 +543,7 @@ def ausam(
         **extra_args: Any,
     ) -> tuple[PyTree, AUSAMState]:
         del updates, extra_args  # AUSAM computes its own gradient on the subset
-        if per_example_loss_fn is None:
-            raise TypeError(
-                "agsopt.ausam: update() needs the keyword argument per_example_loss_fn="
-                "lambda params, positions: per-example losses of batch[positions]"
-            )
-        if not callable(per_example_loss_fn):
-            raise TypeError("agsopt.ausam: per_example_loss_fn must be callable")
-        if params is None:
-            raise TypeError("agsopt.ausam: update() needs params")
+        _check_call(per_example_loss_fn, params)
         ids, valid = ausam_valid_ids(_check_ids(ids, num_examples), num_examples)
         _check_state(state, num_examples, key_shape)
         state = jax.tree.map(jnp.asarray, state)  # e.g. NumPy leaves of a restored checkpoint
