@@ -98,6 +98,36 @@ def test_vsam_reuse_weight_is_float64_for_float64_params():
             assert float(state.psf_weight) == pytest.approx(beta**j, rel=1e-15)
 
 
+def test_vsam_records_are_float64_exact_under_x64():
+    """L(w) = ¼Σw⁴: g = w³, g_s = (w + ρ g/‖g‖)³, psf = g_s − g, ratio = ‖psf‖/‖g‖."""
+    rho = 0.05
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(W, jnp.float64)}
+
+        def loss(p):
+            return 0.25 * jnp.sum(p["w"] ** 4)
+
+        opt = vsam(rho, warmup_steps=3, window=4, var_blocks=2, last_layer=None)
+        grads = jax.grad(loss)(params)
+        out, state = jax.jit(lambda s: opt.update(grads, s, params, value_fn=loss))(
+            opt.init(params)
+        )
+        g = W**3
+        g_s = (W + rho * g / np.linalg.norm(g)) ** 3
+        psf = g_s - g
+        np.testing.assert_allclose(np.asarray(out["w"]), g_s, rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(state.psf["w"]), psf, rtol=1e-12)
+        assert state.ratio_history.dtype == jnp.float64
+        ratio = np.linalg.norm(psf) / np.linalg.norm(g)
+        np.testing.assert_allclose(float(state.ratio_history[-1]), ratio, rtol=1e-12)
+        np.testing.assert_allclose(
+            float(state.psf_norm_history[-1]), np.linalg.norm(psf), rtol=1e-12
+        )
+        norms = np.asarray([0.0, 0.0, 0.0, np.linalg.norm(psf)])
+        var = np.mean([np.var(norms[:2], ddof=1), np.var(norms[2:], ddof=1)])
+        np.testing.assert_allclose(float(state.var_history[-1]), var, rtol=1e-12)
+
+
 # ------------------------------------------------------- restoring into another config
 
 
