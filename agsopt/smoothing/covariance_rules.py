@@ -21,7 +21,11 @@ of Σ. The rules:
   narrow along a direction the gradients keep following, isotropic when it tells nothing;
 - :func:`adaptive_diagonal`: ``Σ = σ diag(r)``, ``r_i`` proportional to the running standard
   deviation of the i-th gradient coordinate, normalized to mean square 1 (so ‖Σ‖_F equals
-  IGS's) and clipped: smooth more where the gradient fluctuates more.
+  IGS's) and clipped: smooth more where the gradient fluctuates more;
+- :func:`scaled` wraps any of these and adapts the *scale*: σ becomes ``c·σ`` with ``c``
+  shrunk by 0.9 or grown by 1/0.9 from a directional Lipschitz ratio along the travel
+  direction, with adaptive thresholds (after ASGF, arXiv:2006.10887); registered as
+  ``"scaled_isotropic"`` and ``"scaled_adaptive_gradient_aligned"``.
 
 Rule states are NamedTuples of arrays whose dtypes and shapes do not change from step to
 step (in float32 and in x64 mode), so they can be carried through ``lax.scan``. The caller
@@ -50,12 +54,14 @@ __all__ = [
     "CovarianceRule",
     "EmptyRuleState",
     "GradientAlignedState",
+    "ScaledState",
     "adaptive_diagonal",
     "adaptive_gradient_aligned",
     "fixed_diagonal",
     "get_rule",
     "gradient_aligned",
     "isotropic",
+    "scaled",
 ]
 
 
@@ -109,8 +115,9 @@ def gradient_aligned(ratio: float = 2.0, decay: float = 0.9) -> CovarianceRule:
     """``Σ = σ(I + (κ − 1) v vᵀ)`` with ``v = m/‖m‖``, ``m ← β m + (1 − β) ĝ``.
 
     The radius is ``κσ`` along the running-average direction of past gradient estimates and
-    σ in every direction across it (ASGF-style, Tran, Webster & Zhang: the first smoothing
-    direction follows the previous gradient). κ > 1 smooths harder along the descent path
+    σ in every direction across it. (ASGF, arXiv:2006.10887, also takes its first direction
+    along the previous gradient estimate, but smooths with one radius in every direction;
+    the two radii here are not ASGF's.) κ > 1 smooths harder along the descent path
     (to step over ripples there), κ < 1 keeps the descent direction sharp. Before the first
     estimate ``m = 0`` and Σ = σI.
 
@@ -293,11 +300,171 @@ def adaptive_gradient_aligned(
     return CovarianceRule(init, matrix, update)
 
 
+class ScaledState(NamedTuple):
+    """State of :func:`scaled`: the wrapped rule's state and the σ-scale controller.
+
+    Attributes:
+      inner: the wrapped rule's state.
+      momentum: moving average ``m`` of the gradient estimates; the travel direction is
+        ``v = m/‖m‖``.
+      scale: the factor ``c`` multiplying the step's σ, in ``[min_scale, max_scale]``.
+      lipschitz: ``L``, a decaying running maximum of the directional slopes ``|v·ĝ|``.
+      lower, upper: the adaptive thresholds ``A`` and ``B`` on the ratio.
+      ratio: the last ratio ``r`` (for inspection; −1 before the first comparison).
+      count: updates seen (int32, saturating).
+    """
+
+    inner: Any
+    momentum: PyTree
+    scale: jax.Array
+    lipschitz: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+    ratio: jax.Array
+    count: jax.Array
+
+
+def scaled(
+    rule: str | CovarianceRule = "isotropic",
+    *,
+    factor: float = 0.9,
+    lower: float = 0.1,
+    upper: float = 0.9,
+    min_scale: float = 0.1,
+    max_scale: float = 10.0,
+    decay: float = 0.9,
+    lipschitz_decay: float = 0.9,
+    lower_shrink: float = 0.95,
+    lower_grow: float = 1.02,
+    upper_shrink: float = 0.98,
+    upper_grow: float = 1.01,
+) -> CovarianceRule:
+    """σ-scale adaptation: ``rule``'s Σ at the scaled radius ``c·σ``, ``c`` adapted every step.
+
+    A controller of the smoothing radius after ASGF ("An adaptive stochastic gradient-free
+    approach for high-dimensional blackbox optimization", arXiv:2006.10887), which shrinks
+    σ by γ = 0.9 when a local directional Lipschitz ratio falls below a threshold A and
+    grows it by 1/γ above a threshold B, the thresholds themselves adapting. ``rule`` (any
+    rule, default :func:`isotropic`) keeps deciding the *shape* of Σ; this wrapper only
+    multiplies the σ it is given: ``matrix(state, σ) = rule.matrix(state.inner, c·σ)``.
+
+    What it computes from the gradient estimates ``ĝ_k`` (the only input of a rule's
+    ``update``), at every update:
+
+    - ``v = m/‖m‖``, ``m`` the moving average of past estimates (``m ← βm + (1 − β)ĝ``), the
+      direction the iterates travel against; ``v`` predates ``ĝ_k``, so the directional slope
+      ``s_k = v·ĝ_k`` is an unbiased estimate of the slope of f_Σ along v, with error of
+      order ``‖∇f_Σ‖/√N`` (not ``√(d/N)``, as for the whole vector);
+    - ``L_k = max(λ L_{k−1}, |s_k|)`` (λ = ``lipschitz_decay``): a running estimate of the
+      local Lipschitz constant of f_Σ along the path, forgetting old maxima at rate λ;
+    - the ratio ``r_k = max(s_k, 0) / L_k`` in [0, 1]: 1 while the slope along v holds up
+      (f is linear at the scale of the recent steps; σ can grow), near 0 when the descent
+      along v has run out or reversed (the iterate sits at the bottom of a valley of f_Σ
+      along v; σ shrinks to resolve it);
+    - from the second comparison on (``L`` set by a previous estimate): ``r < A``:
+      ``c ← max(γc, min_scale)``, ``A ← A·lower_shrink``; else ``r > B``:
+      ``c ← min(c/γ, max_scale)``, ``B ← min(B·upper_grow, 1)``; else
+      ``A ← A·lower_grow``, ``B ← B·upper_shrink`` (the band narrows until one side fires).
+      These are ASGF's threshold factors (0.95, 1.01, 0.98, 1.02).
+
+    Relation to ASGF: ASGF measures its ratio from Gauss–Hermite quadrature along each of d
+    orthonormal directions (derivative of f_σ over a Lipschitz constant from the quadrature
+    points' differences, the largest over directions), sets the learning rate σ/L and resets
+    σ after it has shrunk too far. Here the ratio comes from the Monte Carlo estimates along
+    one direction, the travel direction; the learning rate stays the optimizer's and σ
+    stays in ``[min_scale, max_scale]`` times the given σ instead of being reset.
+
+    Args:
+      rule: the rule that shapes Σ (a name of :data:`RULES` or a :class:`CovarianceRule`).
+      factor: γ in (0, 1).
+      lower, upper: the initial thresholds, ``0 < lower ≤ upper < 1``.
+      min_scale, max_scale: bounds on ``c``, ``0 < min_scale ≤ 1 ≤ max_scale``; ``c``
+        starts at 1, so σ stays in ``[min_scale·σ, max_scale·σ]``.
+      decay: β in [0, 1) of the moving average that gives ``v``.
+      lipschitz_decay: λ in [0, 1).
+      lower_shrink, lower_grow, upper_shrink, upper_grow: positive threshold factors.
+    """
+    inner = get_rule(rule)
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"factor must lie in (0, 1), got {factor}")
+    if not 0.0 < lower <= upper < 1.0:
+        raise ValueError(f"need 0 < lower <= upper < 1, got lower={lower}, upper={upper}")
+    validation.check_positive("min_scale", min_scale)
+    validation.check_positive("max_scale", max_scale)
+    if not min_scale <= 1.0 <= max_scale:
+        raise ValueError(
+            f"need min_scale <= 1 <= max_scale, got min_scale={min_scale}, max_scale={max_scale}"
+        )
+    _check_decay(decay)
+    if not 0.0 <= lipschitz_decay < 1.0:
+        raise ValueError(f"lipschitz_decay must lie in [0, 1), got {lipschitz_decay}")
+    for name, value in (
+        ("lower_shrink", lower_shrink),
+        ("lower_grow", lower_grow),
+        ("upper_shrink", upper_shrink),
+        ("upper_grow", upper_grow),
+    ):
+        validation.check_positive(name, value)
+
+    def init(params):
+        def f32(value):
+            return jnp.asarray(value, jnp.float32)
+
+        return ScaledState(
+            inner=inner.init(params),
+            momentum=_f32_zeros_like(params),
+            scale=f32(1.0),
+            lipschitz=f32(0.0),
+            lower=f32(lower),
+            upper=f32(upper),
+            ratio=f32(-1.0),
+            count=jnp.zeros((), jnp.int32),
+        )
+
+    def matrix(state, sigma):
+        return inner.matrix(state.inner, jax.tree.map(lambda s: s * state.scale, sigma))
+
+    def update(state, grad):
+        norm = tree_norm(state.momentum)
+        direction = tree_scale(jnp.where(norm > 0, 1.0 / norm, 0.0), state.momentum)
+        f32 = state.scale.dtype
+        slope = tree_vdot(direction, grad).astype(f32)
+        have_direction = state.count >= 1  # m ≠ 0 from the first estimate on
+        lipschitz = jnp.where(
+            have_direction, jnp.maximum(lipschitz_decay * state.lipschitz, jnp.abs(slope)), 0.0
+        )
+        ratio = jnp.where(lipschitz > 0, jnp.maximum(slope, 0.0) / lipschitz, 0.0)
+        compare = (state.count >= 2) & (state.lipschitz > 0)
+        shrink = compare & (ratio < state.lower)
+        grow = compare & ~shrink & (ratio > state.upper)
+        between = compare & ~shrink & ~grow
+        scale = jnp.where(shrink, jnp.maximum(factor * state.scale, min_scale), state.scale)
+        scale = jnp.where(grow, jnp.minimum(state.scale / factor, max_scale), scale)
+        new_lower = jnp.where(shrink, state.lower * lower_shrink, state.lower)
+        new_lower = jnp.where(between, state.lower * lower_grow, new_lower)
+        new_upper = jnp.where(grow, jnp.minimum(state.upper * upper_grow, 1.0), state.upper)
+        new_upper = jnp.where(between, state.upper * upper_shrink, new_upper)
+        return ScaledState(
+            inner=inner.update(state.inner, grad),
+            momentum=_ema(state.momentum, grad, decay),
+            scale=scale.astype(f32),
+            lipschitz=lipschitz.astype(f32),
+            lower=new_lower.astype(f32),
+            upper=new_upper.astype(f32),
+            ratio=jnp.where(compare, ratio, state.ratio).astype(f32),
+            count=optax.safe_increment(state.count),
+        )
+
+    return CovarianceRule(init, matrix, update)
+
+
 RULES: dict[str, Callable[[], CovarianceRule]] = {
     "isotropic": isotropic,
     "gradient_aligned": gradient_aligned,
     "adaptive_diagonal": adaptive_diagonal,
     "adaptive_gradient_aligned": adaptive_gradient_aligned,
+    "scaled_isotropic": lambda: scaled("isotropic"),
+    "scaled_adaptive_gradient_aligned": lambda: scaled("adaptive_gradient_aligned"),
 }
 
 
