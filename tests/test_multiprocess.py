@@ -1,27 +1,29 @@
 """Multiple processes: JAX's own distribution (``jax.distributed``) on one machine.
 
 Two processes (``tests/multiprocess_worker.py``) join a coordinator on a free loopback port
-with Gloo CPU collectives and two CPU devices each, so every mesh spans four devices in two
-processes, the multi-host model of JAX. This test starts them, kills both if either fails
-or they take longer than ``TIMEOUT_S``, and compares what each process saw with the
-single-process results computed here:
+with Gloo CPU collectives and one CPU device each, so every mesh spans two devices in two
+processes, the multi-host model of JAX. (One device per process: with two CPU devices per
+process, Gloo collectives hung after a few steps here, and XLA reports a crash in that
+configuration, openxla/xla#16430; GPUs and TPUs use their own collectives.) This test
+starts them, kills both if either fails or they take longer than ``TIMEOUT_S``, and
+compares what each process saw with the single-process results computed here:
 
 - every transformation's initial state goes onto the global mesh with a plain
   ``jax.device_put(state, NamedSharding(mesh, P()))`` (multi-process ``device_put`` checks
   that the processes agree, so no initial leaf may be NaN);
-- AGS with ``sample_sharding`` over the four devices, three jitted steps chained with SGD
+- AGS with ``sample_sharding`` over both devices, three jitted steps chained with SGD
   with momentum, the default covariance rule (the other rules: ``-m slow``): equal to the
   same steps with no sharding in this process;
 - SAM (BSAM and vSAM in warm-up: ``-m slow``) data-parallel under ``jax.shard_map`` with
-  ``axis_name``, the batch split over the four devices: equal to the mean of the four
+  ``axis_name``, the batch split over both devices: equal to the mean of the two
   per-shard single-device updates, computed here shard by shard; AUSAM's first epoch
   likewise, and its sharpness records are the union of the shards' records.
 
 Tolerance: the random numbers do not depend on the sharding or the process count (the same
 keys are split the same way), so the two computations differ only in the order of float32
 sums (partial sums per device, then an all-reduce over the processes). Observed: at most
-9.3e-8 of ``max(1, max |single|)`` (under one float32 ulp at scale 1, ε = 1.19e-7) over all
-steps, rules and the SAM family; ``TOLERANCE = 1e-6`` (about 8 ulps) leaves a 10× margin. The
+1.7e-7 of ``max(1, max |single|)`` (1.4 float32 ulps at scale 1, ε = 1.19e-7) over all
+steps, rules and the SAM family; ``TOLERANCE = 2e-6`` (about 17 ulps) leaves a 10× margin. The
 errors this test is for are far larger: a state that cannot be placed fails outright, and a
 gradient summed instead of averaged over the shards moves a SAM step by more than 1e-3
 (``tests/test_multidevice.py``), and AGS on 8 of its 16 samples (half lost) ends three
@@ -48,7 +50,7 @@ import optax
 import pytest
 
 NUM_PROCESSES = 2
-TOLERANCE = 1e-6  # of max(1, max |single|): float32 summation order, see the module docstring
+TOLERANCE = 2e-6  # of max(1, max |single|): float32 summation order, see the module docstring
 TIMEOUT_S = 120
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 
@@ -158,7 +160,7 @@ def _gap(got: list, want: list) -> float:
     return max(float(np.max(np.abs(g - w))) for g, w in zip(got, want, strict=True)) / scale
 
 
-def test_two_processes_four_devices(runs):
+def test_two_processes_one_device_each(runs):
     for i, run in enumerate(runs):
         assert run["process_index"] == i
         assert run["process_count"] == NUM_PROCESSES
