@@ -46,8 +46,9 @@ Range. Finite values whose sums overflow (f = 1e37·x₀ over 256 samples) are h
 chunk's values are scaled by a power of two 2^-e, e the exponent of the chunk's largest
 finite |value| (or |gradient entry|, first-order), the chunks' sums are merged at the larger
 of their exponents, and Σ^{-T} is applied before scaling back. Scaling by powers of two is
-exact, so wherever the unscaled sums did not overflow the result is the same bit for bit;
-the estimate is non-finite only when ∇f_Σ itself is out of the dtype's range.
+exact, so wherever the unscaled computation neither overflowed nor went subnormal the
+result is the same bit for bit (checked for every method, chunking and Σ kind); the estimate
+is non-finite only when ∇f_Σ itself is out of the dtype's range.
 
 Checks (at trace time): every parameter leaf must be a real floating array (a
 ``TypeError`` naming the leaf otherwise), the tree must have an entry, and ``fun`` must
