@@ -48,8 +48,8 @@ finite |value| (or |gradient entry|, first-order), the chunks' sums are merged a
 of their exponents, and Σ^{-T} is applied before scaling back. Scaling by powers of two is
 exact, so wherever the unscaled computation neither overflowed nor went subnormal the
 result is the same bit for bit (compared with the unscaled sums for every method,
-chunking and Σ kind when this was written); the estimate
-is non-finite only when ∇f_Σ itself is out of the dtype's range.
+chunking and Σ kind when this was written); the estimate is non-finite only when ∇f_Σ
+itself is out of the dtype's range.
 
 Checks (at trace time): every parameter leaf must be a real floating array (a
 ``TypeError`` naming the leaf otherwise), the tree must have an entry, and ``fun`` must
