@@ -66,9 +66,11 @@ __all__ = [
     "griewank",
     "levy",
     "michalewicz",
+    "mixed_asymmetric",
     "names",
     "random_rotation",
     "rastrigin",
+    "rastrigin_multifrequency",
     "rosenbrock",
     "rotated",
     "sample_starts",
@@ -239,6 +241,54 @@ def styblinski_tang(x: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(x2 * x2 - 16.0 * x2 + 5.0 * x)
 
 
+MULTIFREQUENCY_RANGE = 4.0
+""":func:`rastrigin_multifrequency`'s frequencies run from 1/4 to 4 (this constant)."""
+
+
+def _frequencies(d: int, dtype: jnp.dtype) -> jax.Array:
+    """``ω_i = 4^(2(i−1)/(d−1) − 1)``, i = 1..d (geometric from 1/4 to 4; ω = 1 for d = 1)."""
+    if d == 1:
+        return jnp.ones(1, dtype)
+    exponents = 2.0 * np.arange(d) / (d - 1) - 1.0
+    return jnp.asarray(MULTIFREQUENCY_RANGE**exponents, dtype=dtype)
+
+
+def rastrigin_multifrequency(x: jax.Array) -> jax.Array:
+    """Multi-frequency Rastrigin: f(x) = Σ_i [x_i² + 10 (1 − cos(2π ω_i x_i))]; box [-5.12, 5.12].
+
+    The frequencies ``ω_i = 4^(2(i−1)/(d−1) − 1)`` grow geometrically from 1/4 (i = 1) to 4
+    (i = d); ω = 1 for d = 1 (then f is :func:`rastrigin`). Minimum 0 at x = 0 (both terms
+    are ≥ 0 and vanish only there). The ripples along coordinate i have period 1/ω_i, so the
+    structure is direction dependent: smoothed with a diagonal Σ of stds s_i,
+
+        f_Σ(x) = Σ_i [x_i² + s_i² + 10 − 10 cos(2π ω_i x_i) exp(−2π² ω_i² s_i²)],
+
+    every coordinate of f_Σ is convex once ``s_i ≳ 0.52/ω_i``: one isotropic σ either leaves
+    the fast coordinates rippled or smooths the slow ones 16 times more than they need.
+    """
+    x = _as_vector(x)
+    omega = _frequencies(x.shape[0], x.dtype)
+    return jnp.sum(x * x + 10.0 * (1.0 - jnp.cos(2.0 * math.pi * omega * x)))
+
+
+def mixed_asymmetric(x: jax.Array) -> jax.Array:
+    """Mixed asymmetric: Rastrigin terms on the odd coordinates, exponential walls on the even.
+
+    f(x) = Σ_{i odd} [x_i² + 10 (1 − cos(2π x_i))] + Σ_{i even} 10 (e^{x_i} − 1 − x_i),
+    with 1-based i; box [-5.12, 5.12]; minimum 0 at x = 0 (every term is ≥ 0 and vanishes
+    only at x_i = 0). The odd coordinates ripple (smoothing helps there); the even ones are
+    smooth, convex and asymmetric: steep for x_i > 0, nearly linear for x_i < 0. Smoothing
+    an even coordinate with std s gives ``10 (e^{x_i + s²/2} − 1 − x_i)``, whose minimizer
+    ``x_i = −s²/2`` is biased away from 0 (by 4.5 at s = 3): a radius that suits the odd
+    coordinates misplaces the even ones.
+    """
+    x = _as_vector(x)
+    odd = np.arange(x.shape[0]) % 2 == 0  # 0-based even positions are 1-based odd i
+    ripple = x * x + 10.0 * (1.0 - jnp.cos(2.0 * math.pi * x))
+    wall = 10.0 * (jnp.expm1(x) - x)
+    return jnp.sum(jnp.where(jnp.asarray(odd), ripple, wall))
+
+
 # Coordinate-wise minimizers of Michalewicz (m = 10) on [0, π]: the i-th entry minimizes
 # −sin(t) sin^20(i t²/π) over t. Coordinates with i t²/π = π/2 + kπ at t = π/2 are exact.
 _MICHALEWICZ_ARGMIN = np.array(
@@ -344,6 +394,8 @@ REGISTRY: dict[str, TestFunction] = {
         _make(ellipsoid, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
         _make(rosenbrock, (-5.0, 10.0), _ONES_AT, _ZERO_MIN),
         _make(rastrigin, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
+        _make(rastrigin_multifrequency, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
+        _make(mixed_asymmetric, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
         _make(ackley, (-32.768, 32.768), _ZERO_AT, _ZERO_MIN),
         _make(griewank, (-600.0, 600.0), _ZERO_AT, _ZERO_MIN),
         _make(levy, (-10.0, 10.0), _ONES_AT, _ZERO_MIN),

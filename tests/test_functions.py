@@ -22,13 +22,25 @@ ALL_NAMES = [
     "griewank",
     "levy",
     "michalewicz",
+    "mixed_asymmetric",
     "rastrigin",
+    "rastrigin_multifrequency",
     "rosenbrock",
     "schwefel",
     "sphere",
     "styblinski_tang",
 ]
-SMOOTH = ["sphere", "ellipsoid", "rosenbrock", "rastrigin", "levy", "griewank", "styblinski_tang"]
+SMOOTH = [
+    "sphere",
+    "ellipsoid",
+    "rosenbrock",
+    "rastrigin",
+    "levy",
+    "griewank",
+    "styblinski_tang",
+    "rastrigin_multifrequency",
+    "mixed_asymmetric",
+]
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,7 +104,26 @@ def np_styblinski_tang(x):
     return float(np.sum(x**4 - 16 * x**2 + 5 * x) / 2)
 
 
+def np_frequencies(d):
+    return np.ones(1) if d == 1 else np.array([4.0 ** (2 * k / (d - 1) - 1) for k in range(d)])
+
+
+def np_rastrigin_multifrequency(x):
+    w = np_frequencies(len(x))
+    return float(sum(x[i] ** 2 + 10 * (1 - np.cos(2 * np.pi * w[i] * x[i])) for i in range(len(x))))
+
+
+def np_mixed_asymmetric(x):
+    total = 0.0
+    for i in range(1, len(x) + 1):  # 1-based, as in the docstring
+        t = x[i - 1]
+        total += t**2 + 10 * (1 - np.cos(2 * np.pi * t)) if i % 2 else 10 * (np.exp(t) - 1 - t)
+    return float(total)
+
+
 NP_REFERENCE = {
+    "rastrigin_multifrequency": np_rastrigin_multifrequency,
+    "mixed_asymmetric": np_mixed_asymmetric,
     "sphere": np_sphere,
     "ellipsoid": np_ellipsoid,
     "rosenbrock": np_rosenbrock,
@@ -230,6 +261,66 @@ def test_specific_values():
     # Ellipsoid is ill-conditioned: the last axis weighs 1e6 times the first.
     e = F.get("ellipsoid")
     assert eval64(e, [0, 0, 0, 1]) / eval64(e, [1, 0, 0, 0]) == pytest.approx(1e6)
+
+
+def test_multifrequency_frequencies_and_periods():
+    # ω runs geometrically from 1/4 to 4; coordinate i's ripple has period 1/ω_i: moving by
+    # 1/ω_i changes f by the quadratic part only.
+    d = 9
+    w = np_frequencies(d)
+    np.testing.assert_allclose(w[[0, 4, 8]], [0.25, 1.0, 4.0])
+    np.testing.assert_allclose(w[1:] / w[:-1], 4 ** (2 / 8))
+    tf = F.get("rastrigin_multifrequency")
+    x = random_points("rastrigin_multifrequency", d, 1, seed=4)[0]
+    for i in range(d):
+        step = np.eye(d)[i] / w[i]
+        expected = (x[i] + 1 / w[i]) ** 2 - x[i] ** 2
+        assert eval64(tf, x + step) - eval64(tf, x) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    # d = 1: plain Rastrigin
+    assert eval64(tf, [0.3]) == pytest.approx(eval64(F.get("rastrigin"), [0.3]), rel=1e-12)
+
+
+def test_mixed_asymmetric_coordinates():
+    tf = F.get("mixed_asymmetric")
+    t = 2.0
+    # an odd coordinate is symmetric, an even one is not: 10 (e^t − e^−t − 2t) apart
+    assert eval64(tf, [t, 0.0]) == eval64(tf, [-t, 0.0])
+    gap = eval64(tf, [0.0, t]) - eval64(tf, [0.0, -t])
+    assert gap == pytest.approx(10 * (math.exp(t) - math.exp(-t) - 2 * t), rel=1e-12)
+    # the Hessian at the minimizer: 2 + 40π² on odd coordinates, 10 on even ones
+    with jax.enable_x64(True):
+        hess = np.asarray(jax.hessian(tf.fn)(jnp.zeros(4, jnp.float64)))
+    np.testing.assert_allclose(np.diag(hess), [2 + 40 * np.pi**2, 10, 2 + 40 * np.pi**2, 10])
+    np.testing.assert_allclose(hess - np.diag(np.diag(hess)), 0.0, atol=1e-12)
+
+
+def gauss_smoothed(term, s, x, order=80):
+    """E_u term(x + s u), u ~ N(0, 1), by Gauss–Hermite quadrature (probabilists' weights)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(order)
+    return float(np.sum(weights * term(x + s * nodes)) / np.sqrt(2 * np.pi))
+
+
+def test_smoothed_closed_forms_in_docstrings():
+    # multi-frequency Rastrigin with diagonal Σ: x² + s² + 10 − 10 cos(2πωx) exp(−2π²ω²s²)
+    for w, s, x in [(0.25, 1.3, 0.7), (4.0, 0.1, -0.2), (1.0, 0.52, 2.0)]:
+        term = lambda t, w=w: t**2 + 10 * (1 - np.cos(2 * np.pi * w * t))  # noqa: E731
+        closed = (
+            x**2 + s**2 + 10 - 10 * np.cos(2 * np.pi * w * x) * np.exp(-2 * np.pi**2 * w**2 * s**2)
+        )
+        assert gauss_smoothed(term, s, x) == pytest.approx(closed, rel=1e-10)
+    # an even coordinate of mixed_asymmetric: 10 (e^{x + s²/2} − 1 − x), minimized at −s²/2
+    for s, x in [(0.5, 0.3), (3.0, -4.5)]:
+        wall = lambda t: 10 * (np.exp(t) - 1 - t)  # noqa: E731
+        closed = 10 * (np.exp(x + s**2 / 2) - 1 - x)
+        assert gauss_smoothed(wall, s, x) == pytest.approx(closed, rel=1e-10)
+    # the smoothed wall's minimizer moves to −s²/2 (quadrature, central differences)
+    wall = lambda t: 10 * (np.exp(t) - 1 - t)  # noqa: E731
+    for s in (0.5, 1.5):
+        slope = [
+            (gauss_smoothed(wall, s, x + 1e-5) - gauss_smoothed(wall, s, x - 1e-5)) / 2e-5
+            for x in (-(s**2) / 2 - 0.1, -(s**2) / 2, -(s**2) / 2 + 0.1)
+        ]
+        assert slope[0] < -0.5 and abs(slope[1]) < 1e-6 and slope[2] > 0.5
 
 
 def test_ackley_zero_at_origin_in_float32():
