@@ -42,8 +42,8 @@ def reference(
     factor=0.9,
     lower=0.1,
     upper=0.9,
-    min_scale=0.1,
-    max_scale=10.0,
+    min_scale=0.5,
+    max_scale=2.0,
     decay=0.9,
     lipschitz_decay=0.9,
     factors=(0.95, 1.02, 0.98, 1.01),
@@ -88,10 +88,12 @@ def random_walk(num, seed):
     return [base * np.cos(0.3 * k) + 0.7 * rng.standard_normal(DIM) for k in range(num)]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_state_evolution_matches_reference(seed):
+@pytest.mark.parametrize(
+    ("seed", "kwargs"),
+    [(0, {}), (1, dict(min_scale=0.3, max_scale=3.0, decay=0.8, lipschitz_decay=0.7))],
+)
+def test_state_evolution_matches_reference(seed, kwargs):
     grads = random_walk(60, seed)
-    kwargs = dict(min_scale=0.3, max_scale=3.0, decay=0.8, lipschitz_decay=0.7)
     states = feed(covariance_rules.scaled(**kwargs), grads)
     expected = reference(grads, **kwargs)
     assert_matches(states, expected)
@@ -229,7 +231,7 @@ def test_ags_with_scaled_rule_minimizes_a_quadratic(inner):
     (x, state), _ = jax.jit(lambda c: jax.lax.scan(body, c, None, length=100))((x, state))
     assert float(f(x)) < 1e-6
     scale = float(state[0].rule_state.scale)
-    assert 0.1 <= scale <= 10.0
+    assert 0.5 <= scale <= 2.0
     # near the minimizer the slope along the travel direction runs out: σ has shrunk
     assert scale < 1.0
 
