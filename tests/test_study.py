@@ -401,3 +401,33 @@ def test_study_runs_under_x64(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_default_rule_comparison_includes_scale_rules_and_direction_dependent_functions():
+    from agsopt.smoothing import covariance_rules
+
+    assert study.DEFAULT_RULES[0] == "isotropic"
+    assert set(study.DEFAULT_RULES) <= set(covariance_rules.RULES)
+    assert {"scaled_isotropic", "scaled_adaptive_gradient_aligned"} <= set(study.DEFAULT_RULES)
+    valid = set(study.function_names())
+    assert set(study.RULE_FUNCTIONS) <= valid
+    for name in ("rastrigin_multifrequency", "mixed_asymmetric"):
+        assert name in study.RULE_FUNCTIONS and f"rotated_{name}" in study.RULE_FUNCTIONS
+    # a tiny comparison: the scaled rule runs in both forms, its runs are finite and they
+    # differ from IGS's (same starts and noise keys: only σ's scale differs)
+    for form in ("gd", "adam"):
+        result = study.compare_rules(
+            ["rastrigin_multifrequency"],
+            ["isotropic", "scaled_isotropic"],
+            form=form,
+            dim=4,
+            starts=2,
+            iterations=20,
+            progress=False,
+        )
+        base = result.run("rastrigin_multifrequency", f"{form}:isotropic")
+        scaled = result.run("rastrigin_multifrequency", f"{form}:scaled_isotropic")
+        assert np.isfinite(scaled.values).all()
+        np.testing.assert_array_equal(base.values[:, 0], scaled.values[:, 0])  # same starts
+        assert not np.array_equal(base.values[:, -1], scaled.values[:, -1])
+        assert "scaled_isotropic / isotropic" in study.rule_table(result)

@@ -80,7 +80,7 @@ from agsopt.study.results import (
     write_run,
     write_tables,
 )
-from agsopt.study.rules import RULE_FUNCTIONS, compare_rules, rule_table
+from agsopt.study.rules import DEFAULT_RULES, RULE_FUNCTIONS, compare_rules, rule_table
 from agsopt.study.runner import init_states, run_starts, run_study
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "AGS_COVARIANCE",
     "CSV_COLUMNS",
     "DECAY",
+    "DEFAULT_RULES",
     "GD_LEARNING_RATES",
     "KEY_IMPLS",
     "MAX_RECORDS",

@@ -14,15 +14,34 @@ from agsopt.study.registry import rule_registry
 from agsopt.study.results import RunResult, StudyResult, format_value
 from agsopt.study.runner import run_study
 
-__all__ = ["RULE_FUNCTIONS", "compare_rules", "rule_table"]
+__all__ = ["DEFAULT_RULES", "RULE_FUNCTIONS", "compare_rules", "rule_table"]
 
-RULE_FUNCTIONS = (*fns.names(), "rotated_ellipsoid", "rotated_rastrigin", "rotated_rosenbrock")
-"""The functions of the rule comparison: the ten plain ones and three rotated ones."""
+RULE_FUNCTIONS = (
+    *fns.names(),
+    "rotated_ellipsoid",
+    "rotated_mixed_asymmetric",
+    "rotated_rastrigin",
+    "rotated_rastrigin_multifrequency",
+    "rotated_rosenbrock",
+)
+"""The functions of the rule comparison: every plain one (the direction-dependent
+``rastrigin_multifrequency`` and ``mixed_asymmetric`` included) and five rotated ones."""
+
+DEFAULT_RULES = (
+    "isotropic",
+    "gradient_aligned",
+    "adaptive_gradient_aligned",
+    "scaled_isotropic",
+    "scaled_adaptive_gradient_aligned",
+)
+"""The rules :func:`compare_rules` compares by default, IGS (the baseline) first: the shape
+rules and the σ-scale rule (:func:`agsopt.covariance_rules.scaled`) on IGS and on the
+default shape."""
 
 
 def compare_rules(
     functions: Sequence[str] = RULE_FUNCTIONS,
-    rules: Sequence[str] = ("isotropic", "gradient_aligned", "adaptive_gradient_aligned"),
+    rules: Sequence[str] = DEFAULT_RULES,
     *,
     form: str = "adam",
     dim: int = 100,
