@@ -5,6 +5,28 @@ Direction n is one standard normal vector of length d = Σ leaf sizes,
 :func:`agsopt.tree_utils.tree_unflatten_vector`. ``orthogonal=True`` draws each block of
 ``b ≤ d`` directions orthogonal to each other with χ_d norms (Choromanski et al.,
 arXiv:1804.02395), so every direction is still marginally N(0, I).
+
+Orthogonal blocks. With G a b × d standard normal block (rows g_j) and G = LQ its LQ
+factorization (``diag(L) > 0``), direction j is ``u_j = q_j ‖g_j‖``. Q's rows are the
+Gram–Schmidt of G's rows, Haar-distributed on the Stiefel manifold; since G ↦ GO (O
+orthogonal) leaves G's law and the Gram matrix GGᵀ = LLᵀ unchanged and maps Q to QO, Q is
+independent of GGᵀ, hence of the norms ‖g_j‖ = √(GGᵀ)_jj, which are i.i.d. χ_d. So u_j is a
+uniform direction times an independent χ_d length: N(0, I_d).
+
+Q is computed without Householder QR: by block Gram–Schmidt in stages of ``k`` rows, each
+stage projected against the rows before it and orthonormalized by one Cholesky-QR step
+``q = L_s⁻¹ ĝ`` (ĝ the stage's unit-normalized, projected rows, ``L_s L_sᵀ = ĝĝᵀ``), which
+is the same Gram–Schmidt in exact arithmetic. A stage starting at row ``s`` takes
+``k ≤ (d − s)/2`` rows (and at most :data:`STAGE_ROWS`), so its projected rows form a
+Gaussian k × (d − s) matrix in the orthogonal complement of the rows before: condition
+number about (√(d−s) + √k)/(√(d−s) − √k) ≤ 5.8, which one Cholesky-QR step in float32
+orthonormalizes to ~1e-6. ``L_s⁻¹`` is read off one Cholesky factorization of the bordered
+matrix ``[[ĝĝᵀ, I], [I, cI]]`` (its lower-left block is ``L_s⁻ᵀ``; the Schur complement
+``cI − (ĝĝᵀ)⁻¹`` is positive definite for ``c = 2⁴⁰``): no triangular solve and no QR. On CPU
+jaxlib runs QR and triangular solves through OpenBLAS, whose worker threads fight XLA's own
+on a busy machine (a 100 × 100 QR took 0.4–47 ms under load); a Cholesky factorization of
+at most 2·:data:`STAGE_ROWS` rows stays on OpenBLAS's single-threaded path, and the rest is
+matmuls.
 """
 
 from __future__ import annotations
@@ -14,7 +36,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sample_directions"]
+__all__ = ["STAGE_ROWS", "orthonormal_rows", "sample_directions"]
+
+STAGE_ROWS = 64  # rows per Cholesky-QR stage (the bordered factorization is 2·64 wide)
+_BORDER = 2.0**40  # c in [[W, I], [I, cI]]: above ‖W⁻¹‖ for any unit-diagonal W not singular
 
 
 def _iid_directions(key: jax.Array, dim: int, start: jax.Array, count: int, dtype) -> jax.Array:
@@ -23,41 +48,68 @@ def _iid_directions(key: jax.Array, dim: int, start: jax.Array, count: int, dtyp
     return jax.vmap(draw)(start + jnp.arange(count))
 
 
-def _cholesky_qr2(gaussian: jax.Array, gram: jax.Array) -> jax.Array:
-    """Q of ``G = LQ``, ``diag(L) > 0``, for a wide ``b × d`` G (d ≥ 2b) with ``gram = GGᵀ``.
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    # Full float32 products: a GPU's default (TF32) would leave rows orthogonal to ~1e-3 only.
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
-    Two rounds of ``Q ← chol(QQᵀ)^{-1} Q`` (CholeskyQR2): matmuls and b×b factorizations
-    only. Its accuracy needs a well-conditioned G: a b × d Gaussian block with d ≥ 2b has
-    condition number about (√d + √b)/(√d − √b) ≤ 5.8.
+
+def _inverse_cholesky(gram: jax.Array) -> jax.Array:
+    """``L⁻¹`` for ``gram = L Lᵀ`` (unit diagonal, positive definite), lower triangular.
+
+    The Cholesky factor of ``[[W, I], [I, cI]]`` is ``[[L, 0], [L⁻ᵀ, chol(cI − W⁻¹)]]``.
     """
-    identity = jnp.eye(gaussian.shape[0], dtype=gaussian.dtype)
-    q = gaussian
-    for round_index in range(2):
-        if round_index:
-            gram = q @ q.T
-        lower = jnp.linalg.cholesky(gram)
-        q = jax.scipy.linalg.solve_triangular(lower, identity, lower=True) @ q
-    return q
+    size = gram.shape[-1]
+    eye = jnp.eye(size, dtype=gram.dtype)
+    bordered = jnp.block([[gram, eye], [eye, _BORDER * eye]])
+    return jnp.linalg.cholesky(bordered)[size:, :size].T
+
+
+def _stage_sizes(rows: int, dim: int) -> list[int]:
+    """Rows per stage: ``k = min(rows left, STAGE_ROWS, max(1, (d − s) // 2))`` from row s."""
+    sizes, done = [], 0
+    while done < rows:
+        size = min(rows - done, STAGE_ROWS, max(1, (dim - done) // 2))
+        sizes.append(size)
+        done += size
+    return sizes
+
+
+def orthonormal_rows(gaussian: jax.Array) -> jax.Array:
+    """Q of the LQ factorization ``G = LQ`` (``diag(L) > 0``) of a ``b × d`` block, b ≤ d.
+
+    Block Gram–Schmidt in stages of Cholesky-QR (see the module doc); rows orthonormal to
+    about 1e-6 in float32 for Gaussian G (a stage's rows are well conditioned by
+    construction; a general ill-conditioned G is not this function's job).
+    """
+    rows, dim = gaussian.shape
+    if rows > dim:
+        raise ValueError(f"orthonormal_rows needs at most d = {dim} rows, got {rows}")
+    done: list[jax.Array] = []
+    offset = 0
+    for size in _stage_sizes(rows, dim):
+        stage = gaussian[offset : offset + size]
+        if done:
+            basis = done[0] if len(done) == 1 else jnp.concatenate(done)
+            # Twice once the complement is at most half of R^d: the projected rows are then
+            # short next to the rounding left along the basis ("twice is enough").
+            for _ in range(2 if 2 * (dim - offset) <= dim else 1):
+                stage = stage - _dot(_dot(stage, basis.T), basis)
+        stage = stage * jax.lax.rsqrt(jnp.sum(stage * stage, axis=1, keepdims=True))
+        # One Cholesky-QR step; two where the stage is nearly square in its complement
+        # (a k × m Gaussian with m − k < 8 has a heavy-tailed condition number).
+        for _ in range(0 if size == 1 else 2 if dim - offset - size < 8 else 1):
+            stage = _dot(_inverse_cholesky(_dot(stage, stage.T)), stage)
+        done.append(stage)
+        offset += size
+    return done[0] if len(done) == 1 else jnp.concatenate(done)
 
 
 def _orthogonal_block(key: jax.Array, dim: int, size: int, dtype) -> jax.Array:
-    """``size ≤ d`` mutually orthogonal rows, each marginally N(0, I_d).
-
-    Row j is ``q_j ‖g_j‖`` with G = LQ (``diag(L) > 0``: Q is the Gram–Schmidt of G's rows,
-    Haar-distributed) and ``‖g_j‖ = ‖L_j‖ ~ χ_d``, a function of L alone. Wide blocks
-    (d ≥ 2b) use :func:`_cholesky_qr2`, squarer ones Householder QR of Gᵀ.
-    """
+    """``size ≤ d`` mutually orthogonal rows ``q_j ‖g_j‖``, each marginally N(0, I_d)."""
     # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
     gaussian = jax.lax.optimization_barrier(jax.random.normal(key, (size, dim), dtype))
-    if dim >= 2 * size:
-        gram = gaussian @ gaussian.T
-        q = _cholesky_qr2(gaussian, gram)
-        norms = jnp.sqrt(jnp.diagonal(gram))
-    else:
-        q, r = jnp.linalg.qr(gaussian.T)
-        q = (q * jnp.sign(jnp.diagonal(r))).T
-        norms = jnp.linalg.norm(gaussian, axis=1)
-    return q * norms[:, None]
+    norms = jnp.sqrt(jnp.sum(gaussian * gaussian, axis=1, keepdims=True))
+    return orthonormal_rows(gaussian) * norms
 
 
 def _orthogonal_directions(
@@ -65,16 +117,21 @@ def _orthogonal_directions(
 ) -> jax.Array:
     """Blocks of ``b = min(d, count)`` orthogonal rows; block keys fold in their start.
 
-    A last, partial block of r < b rows is the first r rows of a full block (the first r
-    rows of Q depend on the first r rows of G alone, so they are distributed as the LQ of
-    an r×d block): all blocks go through one batched factorization, never two at once
-    (two concurrent batched LAPACK QRs deadlocked on a 2-core CPU, jaxlib 0.10.2).
+    The full blocks go through one batched computation; a last, partial block of r < b rows
+    is drawn and orthonormalized as an r × d block (the first r rows of Q depend on the
+    first r rows of G alone, so it is distributed as the head of a full block).
     """
     block = min(dim, count)
-    num_blocks = -(-count // block)
-    starts = start + block * jnp.arange(num_blocks)
-    draw = jax.vmap(lambda s: _orthogonal_block(jax.random.fold_in(key, s), dim, block, dtype))
-    return draw(starts).reshape(num_blocks * block, dim)[:count]
+    num_full, rest = divmod(count, block)
+    draw = lambda s, size: _orthogonal_block(jax.random.fold_in(key, s), dim, size, dtype)
+    starts = start + block * jnp.arange(num_full)
+    if num_full == 1:
+        full = draw(starts[0], block)
+    else:
+        full = jax.vmap(lambda s: draw(s, block))(starts).reshape(num_full * block, dim)
+    if not rest:
+        return full
+    return jnp.concatenate([full, draw(start + num_full * block, rest)])
 
 
 def sample_directions(
