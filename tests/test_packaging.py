@@ -75,7 +75,10 @@ def test_minimum_versions_are_the_declared_lower_bounds():
     assert all(pins[name] == bound for name, bound in bounds.items()), (pins, bounds)
     assert pins["jaxlib"] == pins["jax"]
     assert PROJECT["requires-python"] == ">=3.11"
-    assert "3.11" in (ROOT / ".ci" / "min-versions").read_text()
+    script = (ROOT / ".ci" / "min-versions").read_text()
+    assert "3.11" in script and "constraints-min.txt" in script
+    listed = re.findall(r"tests/test_\w+\.py", script)
+    assert listed and all((ROOT / name).is_file() for name in listed), listed
 
 
 def test_license_is_apache_2():
