@@ -1,10 +1,15 @@
-"""``python -m benchmarks [--quick|--full] [--out DIR] [--only NAME ...]``.
+"""``python -m benchmarks [--quick|--full] [--out DIR | --commit-results] [--only NAME ...]``.
 
 Runs the registered benchmarks and writes ``<name>.json`` and ``<name>.md`` for each, plus
 ``summary.json``/``summary.md`` (the targets and run times of this invocation), under
-``--out`` (default ``benchmarks/results``). To add a benchmark, write a module with
-``run(quick: bool) -> dict`` (a report from :func:`benchmarks.common.make_report`) and add it
-to ``BENCHMARKS`` below.
+``--out``: by default ``results/benchmarks/`` at the repository root, which git ignores.
+The committed reports the README links (``benchmarks/results/``) are written only with
+``--commit-results`` (full mode only: quick numbers never overwrite them).
+``--device-suite`` is the accelerator check: ``estimators`` and ``sam_steps`` in full mode
+into ``benchmarks/results/device/<device>/``; it refuses to run on CPU.
+
+To add a benchmark, write a module with ``run(quick: bool) -> dict`` (a report from
+:func:`benchmarks.common.make_report`) and add it to ``BENCHMARKS`` below.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from typing import Any
 
 from benchmarks import common
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+COMMITTED_OUT = Path(__file__).resolve().parent / "results"  # the reports the README links
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "benchmarks"  # git-ignored
+DEVICE_SUITE = ("estimators", "sam_steps")
 
 # name -> "module:function" (imported only when that benchmark runs) or the function itself;
 # the function takes ``quick`` and returns a report.
@@ -47,33 +54,79 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI)")
     mode.add_argument("--full", action="store_true", help="the real numbers (default)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: results/benchmarks/)"
+    )
+    parser.add_argument(
+        "--commit-results",
+        action="store_true",
+        help="write into benchmarks/results/, the committed reports (full mode only)",
+    )
+    parser.add_argument(
+        "--device-suite",
+        action="store_true",
+        help="estimators and sam_steps on a GPU/TPU, into benchmarks/results/device/<device>/",
+    )
     parser.add_argument(
         "--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME", help="benchmarks to run"
     )
     return parser.parse_args(argv)
 
 
+def device_slug(device: str) -> str:
+    """A folder name for a device, e.g. ``"NVIDIA H200"`` -> ``"nvidia-h200"``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in device.lower()).split()) or "device"
+
+
+def output_folder(args: argparse.Namespace, env: dict[str, Any]) -> Path:
+    """Where this invocation writes; raises ``ValueError`` for a request that would put
+    quick numbers into the committed reports or mislabel a CPU run as a device run."""
+    if args.device_suite:
+        if env["platform"] == "cpu":
+            raise ValueError("--device-suite needs a GPU or TPU; JAX found only the CPU")
+        if args.commit_results:
+            raise ValueError("--device-suite chooses its own folder; drop --commit-results")
+        base = DEFAULT_OUT if args.quick else COMMITTED_OUT
+        return args.out or base / "device" / device_slug(env["device"])
+    if args.commit_results:
+        if args.quick:
+            raise ValueError("--commit-results writes the committed reports: full mode only")
+        if args.out is not None and args.out.resolve() != COMMITTED_OUT:
+            raise ValueError("--commit-results writes to benchmarks/results/; drop --out")
+        return COMMITTED_OUT
+    out = DEFAULT_OUT if args.out is None else args.out
+    if args.quick and out.resolve() == COMMITTED_OUT:
+        raise ValueError(
+            "quick results would overwrite the committed reports in benchmarks/results/"
+        )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quick = bool(args.quick)
     mode = "quick" if quick else "full"
-    names = args.only or list(BENCHMARKS)
     env = common.environment()
+    try:
+        out = output_folder(args, env)
+    except ValueError as error:
+        print(f"python -m benchmarks: {error}", file=sys.stderr)
+        return 2
+    names = args.only or list(DEVICE_SUITE if args.device_suite else BENCHMARKS)
     print(f"agsopt benchmarks ({mode}) on {common.environment_line(env)}", flush=True)
     summary: list[dict[str, Any]] = []
     for name in names:
         start = time.perf_counter()
         report = resolve(name)(quick)
         seconds = time.perf_counter() - start
-        json_path, md_path = common.write_report(report, args.out, env, mode, seconds)
+        json_path, md_path = common.write_report(report, out, env, mode, seconds)
         print(f"  {name}: {seconds:.1f} s -> {json_path}, {md_path}", flush=True)
         for t in report["targets"]:
             print(f"    [{common.target_mark(t['met'])}] {t['target']}: {t['detail']}", flush=True)
         summary.append(
             {"benchmark": name, "seconds": round(seconds, 1), "targets": report["targets"]}
         )
-    write_summary(summary, args.out, env, mode)
+    write_summary(summary, out, env, mode)
     return 0
 
 

@@ -9,8 +9,6 @@ agsopt's antithetic + orthogonal estimator and the mean cosine similarity to ``�
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 from typing import Any
 
 import jax
@@ -91,24 +89,13 @@ def linear_theory(estimator: str, dim: int, evaluations: int) -> float | None:
     return sum(b * (dim + 2 - b) for b in blocks) / num**2
 
 
-def one_blas_thread() -> contextlib.AbstractContextManager:
-    """OpenBLAS held to one thread, if threadpoolctl is there (speed only; see the notes)."""
-    if importlib.util.find_spec("threadpoolctl") is None:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def errors(fn: Any, params: jax.Array, exact: jax.Array, keys: jax.Array) -> dict[str, Any]:
     """Squared errors and cosines of ``fn(params, key)`` over ``keys`` (``vmap``ped)."""
 
     def all_keys(x: jax.Array, ks: jax.Array) -> jax.Array:
         return jax.vmap(lambda k: fn(x, k))(ks)
 
-    with one_blas_thread():
-        estimates = jax.jit(all_keys)(params, keys)
-        estimates = jax.block_until_ready(estimates)
+    estimates = jax.block_until_ready(jax.jit(all_keys)(params, keys))
     squared = jnp.sum((estimates - exact) ** 2, axis=1)
     cosine = estimates @ exact / (jnp.linalg.norm(estimates, axis=1) * jnp.linalg.norm(exact))
     squared, cosine = np.asarray(squared, np.float64), np.asarray(cosine, np.float64)
@@ -234,9 +221,7 @@ def run(quick: bool) -> dict[str, Any]:
         "is a rescaled, biased direction: only its mean cosine is reported.",
         "Orthogonal directions: blocks of min(d, N) mutually orthogonal directions with "
         "χ_d norms, so for N ≤ d all N directions are orthogonal (N = 128 > d: a block of "
-        "100 and a partial block of 28). The estimates are vmapped over the keys, with "
-        "OpenBLAS (jaxlib's CPU QR) held to one thread when threadpoolctl is installed (only "
-        "a speed matter, see estimator_profile.md).",
+        "100 and a partial block of 28). The estimates are vmapped over the keys.",
         evosax_note + ".",
     ]
     table = common.make_table(

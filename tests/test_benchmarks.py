@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,47 @@ def test_mlp_problem_builds():
     quick = problems.mlp_problem(quick=True)
     assert quick.dim == 16 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
     assert float(quick.fun(quick.params)) > 0
+
+
+def output_args(*argv: str):
+    main = import_benchmark_module("__main__")
+    return main, main.parse_args(list(argv))
+
+
+CPU_ENV = {"platform": "cpu", "device": "AMD EPYC"}
+GPU_ENV = {"platform": "gpu", "device": "NVIDIA H200"}
+
+
+def test_default_output_is_untracked_not_the_committed_reports():
+    """`python -m benchmarks [--quick]` writes to results/benchmarks/ (git-ignored), never to
+    benchmarks/results/, which holds the committed reports the README links (issue #12)."""
+    main, args = output_args("--quick")
+    out = main.output_folder(args, CPU_ENV)
+    assert out == main.DEFAULT_OUT == ROOT / "results" / "benchmarks"
+    assert out != main.COMMITTED_OUT == ROOT / "benchmarks" / "results"
+    assert main.output_folder(main.parse_args([]), CPU_ENV) == main.DEFAULT_OUT
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(out / "summary.json")], cwd=ROOT, check=False
+        )
+        assert ignored.returncode == 0, "results/benchmarks/ must be ignored by git"
+
+
+def test_committed_reports_are_written_only_on_request():
+    main, args = output_args("--commit-results")
+    assert main.output_folder(args, CPU_ENV) == main.COMMITTED_OUT
+    for argv in (["--quick", "--commit-results"], ["--quick", "--out", str(main.COMMITTED_OUT)]):
+        with pytest.raises(ValueError, match="committed reports"):
+            main.output_folder(main.parse_args(argv), CPU_ENV)
+    # the refusal happens before any benchmark runs: exit status 2, nothing written
+    assert main.main(["--quick", "--out", str(main.COMMITTED_OUT), "--only", "memory"]) == 2
+
+
+def test_device_suite_names_the_device_and_refuses_cpu():
+    main, args = output_args("--device-suite")
+    with pytest.raises(ValueError, match="needs a GPU or TPU"):
+        main.output_folder(args, CPU_ENV)
+    assert main.output_folder(args, GPU_ENV) == main.COMMITTED_OUT / "device" / "nvidia-h200"
+    quick = main.parse_args(["--device-suite", "--quick"])
+    assert main.output_folder(quick, GPU_ENV) == main.DEFAULT_OUT / "device" / "nvidia-h200"
+    assert set(main.DEVICE_SUITE) == {"estimators", "sam_steps"} <= set(main.BENCHMARKS)
