@@ -182,14 +182,18 @@ SMOOTHED_GD: dict[str, tuple[float, float]] = {
     "ackley": (10.0, 3.0),
     "levy": (0.05, 2.0),
     "michalewicz": (0.01, 0.1),
+    "rastrigin_multifrequency": (0.005, 3.0),
+    "mixed_asymmetric": (0.005, 0.5),
 }
-"""AGS-GD / IGS-GD ``(learning rate, σ)``, both constant, tuned on a small grid at d = 100
-(5 starts). Elsewhere: plain GD's learning rate and σ = 0.05 × box width. σ is kept
-constant in the GD form: a shrinking σ raises the estimator's variance (∝ 1/σ² for an
-oscillating f) and the curvature of f_Σ, which a constant learning rate does not survive.
-A constant σ keeps the minimizer of f_Σ where f has it only for functions that are even
-about their minimizer (Rastrigin, Ackley, Griewank); elsewhere (Levy, Michalewicz) the GD
-form stalls at the smoothing bias and the Adam form, whose σ decays, is the one to use."""
+"""AGS-GD / IGS-GD ``(learning rate, σ)``, both constant, tuned on a small grid at d = 100 (5
+starts; rastrigin_multifrequency and mixed_asymmetric: lr ∈ {0.001, 0.005} × σ ∈ {0.5, 1.5, 3} at d
+= 20, IGS, 500 steps — the σ that suits the rippled coordinates, 3, biases the exponential walls of
+mixed_asymmetric until GD diverges, so it gets 0.5). Elsewhere: plain GD's learning rate and σ =
+0.05 × box width. σ is kept constant in the GD form: a shrinking σ raises the estimator's variance
+(∝ 1/σ² for an oscillating f) and the curvature of f_Σ, which a constant learning rate does not
+survive. A constant σ keeps the minimizer of f_Σ where f has it only for functions that are even
+about their minimizer (Rastrigin, Ackley, Griewank); elsewhere (Levy, Michalewicz) the GD form
+stalls at the smoothing bias and the Adam form, whose σ decays, is the one to use."""
 
 ADAM_SIGMA = 0.1
 """AGS-Adam / IGS-Adam: σ_t = 0.1 w · 0.999^t, w the box width (every function alike)."""
