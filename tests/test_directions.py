@@ -76,17 +76,20 @@ def test_orthonormal_rows_rejects_more_rows_than_dimensions():
         orthonormal_rows(jnp.ones((4, 3)))
 
 
-def test_norms_are_the_gaussian_rows_norms():
-    """u_j = q_j ‖g_j‖: the lengths are those of the block's Gaussian rows (key folded with
-    the block's first index), so they are i.i.d. χ_d by construction."""
+def test_orthogonal_rows_are_the_iid_rows_orthogonalized_in_blocks():
+    """u_j = q_j ‖g_j‖ with g_j the i.i.d. direction of the same index: the lengths are the
+    i.i.d. ones (so i.i.d. χ_d), and each block spans what its i.i.d. rows span (row j of a
+    block lies in the span of its rows 0…j: Gram–Schmidt order)."""
     dim, count = 64, 200
     u, key = draw(dim, count)[0], draw_keys(dim, 60)[0]
+    g = np.asarray(sample_directions(key, dim, 0, count), np.float64)
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), np.linalg.norm(g, axis=1), rtol=1e-5)
     for rows in block_slices(dim, count):
-        shape = (rows.stop - rows.start, dim)
-        gaussian = np.asarray(jax.random.normal(jax.random.fold_in(key, rows.start), shape))
-        np.testing.assert_allclose(
-            np.linalg.norm(u[rows], axis=1), np.linalg.norm(gaussian, axis=1), rtol=1e-5
-        )
+        block_u, block_g = u[rows], g[rows]
+        for j in (0, 5, block_u.shape[0] - 1):
+            basis = np.linalg.qr(block_g[: j + 1].T)[0]
+            residual = block_u[j] - basis @ (basis.T @ block_u[j])
+            assert np.linalg.norm(residual) < 1e-4 * np.linalg.norm(block_u[j])
 
 
 @pytest.mark.parametrize("dim, count", [(100, 128), (6, 8)])

@@ -2,31 +2,33 @@
 
 Direction n is one standard normal vector of length d = Σ leaf sizes,
 ``normal(fold_in(key, n), (d,))``; split it into the parameters' leaves with
-:func:`agsopt.tree_utils.tree_unflatten_vector`. ``orthogonal=True`` draws each block of
-``b ≤ d`` directions orthogonal to each other with χ_d norms (Choromanski et al.,
-arXiv:1804.02395), so every direction is still marginally N(0, I).
+:func:`agsopt.tree_utils.tree_unflatten_vector`. ``orthogonal=True`` takes the same i.i.d.
+directions and orthogonalizes them within blocks of ``b ≤ d`` rows, each keeping its length
+(Choromanski et al., arXiv:1804.02395), so every direction is still marginally N(0, I).
 
-Orthogonal blocks. With G a b × d standard normal block (rows g_j) and G = LQ its LQ
-factorization (``diag(L) > 0``), direction j is ``u_j = q_j ‖g_j‖``. Q's rows are the
-Gram–Schmidt of G's rows, Haar-distributed on the Stiefel manifold; since G ↦ GO (O
+Orthogonal blocks. With G a b × d block of the i.i.d. directions (rows g_j) and G = LQ its
+LQ factorization (``diag(L) > 0``), direction j becomes ``u_j = q_j ‖g_j‖``. Q's rows are
+the Gram–Schmidt of G's rows, Haar-distributed on the Stiefel manifold; since G ↦ GO (O
 orthogonal) leaves G's law and the Gram matrix GGᵀ = LLᵀ unchanged and maps Q to QO, Q is
 independent of GGᵀ, hence of the norms ‖g_j‖ = √(GGᵀ)_jj, which are i.i.d. χ_d. So u_j is a
 uniform direction times an independent χ_d length: N(0, I_d).
 
-Q is computed without Householder QR: by block Gram–Schmidt in stages of ``k`` rows, each
-stage projected against the rows before it and orthonormalized by one Cholesky-QR step
-``q = L_s⁻¹ ĝ`` (ĝ the stage's unit-normalized, projected rows, ``L_s L_sᵀ = ĝĝᵀ``), which
-is the same Gram–Schmidt in exact arithmetic. A stage starting at row ``s`` takes
-``k ≤ (d − s)/2`` rows (and at most :data:`STAGE_ROWS`), so its projected rows form a
-Gaussian k × (d − s) matrix in the orthogonal complement of the rows before: condition
-number about (√(d−s) + √k)/(√(d−s) − √k) ≤ 5.8, which one Cholesky-QR step in float32
-orthonormalizes to ~1e-6. ``L_s⁻¹`` is read off one Cholesky factorization of the bordered
-matrix ``[[ĝĝᵀ, I], [I, cI]]`` (its lower-left block is ``L_s⁻ᵀ``; the Schur complement
-``cI − (ĝĝᵀ)⁻¹`` is positive definite for ``c = 2⁴⁰``): no triangular solve and no QR. On CPU
-jaxlib runs QR and triangular solves through OpenBLAS, whose worker threads fight XLA's own
-on a busy machine (a 100 × 100 QR took 0.4–47 ms under load); a Cholesky factorization of
-at most 2·:data:`STAGE_ROWS` rows stays on OpenBLAS's single-threaded path, and the rest is
-matmuls.
+Q is computed without Householder QR, by block Gram–Schmidt in stages: a stage of k rows
+starting at row s is projected against the rows before it (twice once d − s ≤ d/2, where
+the projected rows are short next to the rounding left along the basis), normalized, and
+orthonormalized by a Cholesky-QR step ``q ← L⁻¹ q`` with ``L Lᵀ = q qᵀ`` (two steps where
+d − s − k < 8), which is the same Gram–Schmidt in exact arithmetic. A stage takes
+``k ≤ (d − s)/2`` rows and at most :data:`STAGE_ROWS`, so its projected rows form a
+Gaussian k × (d − s) block in the orthogonal complement of the rows before, with condition
+number about (√(d−s) + √k)/(√(d−s) − √k) ≤ 5.8: one Cholesky-QR step leaves the rows
+orthonormal to ~1e-6 in float32 (a square 100 × 100 block takes stages of 50, 25, 12, 6,
+3, 2, 1, 1 rows). ``L⁻¹`` is read off one Cholesky factorization of the bordered matrix
+``[[qqᵀ, I], [I, cI]]``, whose lower-left block is ``L⁻ᵀ`` (its Schur complement
+``cI − (qqᵀ)⁻¹`` is positive definite for ``c = 2⁴⁰``). Why: on CPU jaxlib runs QR and
+triangular solves through OpenBLAS, whose worker threads fight XLA's own on a busy machine
+(one 100 × 100 QR took 0.4–47 ms under load, the orthogonal estimator 20–330× the i.i.d.
+one); a Cholesky factorization of at most 2·:data:`STAGE_ROWS` rows stays on OpenBLAS's
+single-threaded path, and the rest is matmuls.
 """
 
 from __future__ import annotations
@@ -104,34 +106,27 @@ def orthonormal_rows(gaussian: jax.Array) -> jax.Array:
     return done[0] if len(done) == 1 else jnp.concatenate(done)
 
 
-def _orthogonal_block(key: jax.Array, dim: int, size: int, dtype) -> jax.Array:
-    """``size ≤ d`` mutually orthogonal rows ``q_j ‖g_j‖``, each marginally N(0, I_d)."""
-    # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
-    gaussian = jax.lax.optimization_barrier(jax.random.normal(key, (size, dim), dtype))
-    norms = jnp.sqrt(jnp.sum(gaussian * gaussian, axis=1, keepdims=True))
-    return orthonormal_rows(gaussian) * norms
-
-
 def _orthogonal_directions(
     key: jax.Array, dim: int, start: jax.Array, count: int, dtype
 ) -> jax.Array:
-    """Blocks of ``b = min(d, count)`` orthogonal rows; block keys fold in their start.
+    """The i.i.d. directions ``start … start + count − 1``, orthogonalized in blocks of
+    ``b = min(d, count)`` rows, each keeping its length: row j of a block is ``q_j ‖g_j‖``.
 
     The full blocks go through one batched computation; a last, partial block of r < b rows
-    is drawn and orthonormalized as an r × d block (the first r rows of Q depend on the
-    first r rows of G alone, so it is distributed as the head of a full block).
+    is orthonormalized as an r × d block (the first r rows of Q depend on the first r rows
+    of G alone, so it is distributed as the head of a full block).
     """
+    # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
+    gaussian = jax.lax.optimization_barrier(_iid_directions(key, dim, start, count, dtype))
+    norms = jnp.sqrt(jnp.sum(gaussian * gaussian, axis=1, keepdims=True))
     block = min(dim, count)
     num_full, rest = divmod(count, block)
-    draw = lambda s, size: _orthogonal_block(jax.random.fold_in(key, s), dim, size, dtype)
-    starts = start + block * jnp.arange(num_full)
-    if num_full == 1:
-        full = draw(starts[0], block)
-    else:
-        full = jax.vmap(lambda s: draw(s, block))(starts).reshape(num_full * block, dim)
-    if not rest:
-        return full
-    return jnp.concatenate([full, draw(start + num_full * block, rest)])
+    full = gaussian[: num_full * block].reshape(num_full, block, dim)
+    parts = [jax.vmap(orthonormal_rows)(full).reshape(num_full * block, dim)]
+    if rest:
+        parts.append(orthonormal_rows(gaussian[num_full * block :]))
+    rows = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return rows * norms
 
 
 def sample_directions(
@@ -147,7 +142,8 @@ def sample_directions(
 
     Split a row into the parameters' leaves with
     :func:`agsopt.tree_utils.tree_unflatten_vector`. With ``orthogonal``, ``start`` and
-    ``count`` are one chunk's: its blocks are ``min(d, count)`` rows.
+    ``count`` are one chunk's: the same i.i.d. rows, orthogonalized within blocks of
+    ``min(d, count)`` rows, each keeping its length.
     """
     draw = _orthogonal_directions if orthogonal else _iid_directions
     return draw(key, dim, jnp.asarray(start, jnp.int32), count, dtype)

@@ -24,10 +24,11 @@ estimate for the same key. Each chunk's directions are drawn once and stored (an
 
 ``orthogonal=True`` draws the directions of each block of ``b = min(d, chunk)`` samples
 orthogonal to each other (Choromanski et al., arXiv:1804.02395): with ``G = LQ`` the LQ
-factorization of a b×d Gaussian block (rows g_j), ``u_j = q_j ‖g_j‖``, a Haar direction
-times a χ_d norm that depends on L alone and so is independent of it. Each u_n is still
-N(0, I), so the estimate stays unbiased, with lower variance. It costs an LQ factorization
-of a b×d block, O(d b²), per block (CholeskyQR2 in matmuls for wide blocks). With the
+factorization of the block's b×d i.i.d. directions (rows g_j), ``u_j = q_j ‖g_j‖``, a Haar
+direction times a χ_d norm that depends on L alone and so is independent of it. Each u_n is
+still N(0, I), so the estimate stays unbiased, with lower variance. It costs an LQ
+factorization of a b×d block, O(d b²), per block (staged Cholesky-QR in matmuls, no QR:
+:mod:`agsopt.smoothing.directions`). With the
 default ``chunk_size`` a block spans min(d, N) directions and its evaluations run in
 cache-sized pieces; with an explicit ``chunk_size`` the blocks follow the chunks.
 
@@ -328,8 +329,8 @@ def smoothed_value_and_grad(
         leaf in its accumulation dtype (float32 for bfloat16/float16 leaves).
       params: the point x, a non-empty pytree of real floating arrays (``TypeError`` naming
         the leaf for an integer or complex one).
-      key: a JAX PRNG key (any implementation); sample n uses ``fold_in(key, n)`` (blocks
-        fold in their first sample's index, if ``orthogonal``).
+      key: a JAX PRNG key (any implementation); sample n uses ``fold_in(key, n)`` (with
+        ``orthogonal``, the same rows orthogonalized within their block).
       matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``. A Σ with a zero or non-finite
         entry gives a non-finite estimate (the :func:`agsopt.ags` wrapper checks σ).
       num_samples: N, the number of directions u_n (antithetic pairs count once).
