@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -431,3 +432,41 @@ def test_default_rule_comparison_includes_scale_rules_and_direction_dependent_fu
         np.testing.assert_array_equal(base.values[:, 0], scaled.values[:, 0])  # same starts
         assert not np.array_equal(base.values[:, -1], scaled.values[:, -1])
         assert "scaled_isotropic / isotropic" in study.rule_table(result)
+
+
+def test_rule_table_with_gradient_methods_at_equal_evaluations():
+    result = study.compare_rules(
+        ["sphere"],
+        ["isotropic", "scaled_isotropic"],
+        form="gd",
+        dim=3,
+        starts=2,
+        iterations=4,
+        progress=False,
+    )
+    per_step = 2 * study.NUM_SAMPLES  # antithetic: 2N evaluations per AGS step
+    baselines = study.equal_evaluation_baselines(result)
+    assert baselines.config.optimizers == ("gd", "adam")
+    assert baselines.config.iterations == 4 * per_step
+    assert (baselines.config.dim, baselines.config.starts) == (3, 2)
+    gd = baselines.run("sphere", "gd")
+    assert int(gd.evaluations[-1]) == int(result.run("sphere", "gd:isotropic").evaluations[-1])
+    # plain GD with the documented rate, written out: x ← (1 − 2η)^k x0 on the sphere
+    # the starts as the study's module doc states: fold_in(fold_in(key(seed), 0), crc32(name))
+    start_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), zlib.crc32(b"sphere"))
+    x0 = np.asarray(fns.sample_starts("sphere", start_key, 2, 3))
+    eta = study.gd_learning_rate(fns.get("sphere"))
+    expected = np.sum(x0**2, axis=1) * (1 - 2 * eta) ** (2 * baselines.config.iterations)
+    np.testing.assert_allclose(gd.values[:, -1], expected, rtol=1e-3)
+    table = study.rule_table(result, baselines=baselines)
+    header = table.splitlines()[0]
+    assert "gd (equal evaluations)" in header and "adam (equal evaluations)" in header
+    row = table.splitlines()[2]
+    from agsopt.study.results import format_value
+
+    assert format_value(gd.final()[0]) in row
+    shorter = study.compare_rules(
+        ["sphere"], ["isotropic"], form="gd", dim=3, starts=2, iterations=2, progress=False
+    )
+    with pytest.raises(ValueError, match="evaluations"):
+        study.rule_table(shorter, baselines=baselines)

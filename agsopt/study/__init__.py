@@ -80,7 +80,13 @@ from agsopt.study.results import (
     write_run,
     write_tables,
 )
-from agsopt.study.rules import DEFAULT_RULES, RULE_FUNCTIONS, compare_rules, rule_table
+from agsopt.study.rules import (
+    DEFAULT_RULES,
+    RULE_FUNCTIONS,
+    compare_rules,
+    equal_evaluation_baselines,
+    rule_table,
+)
 from agsopt.study.runner import init_states, run_starts, run_study
 
 __all__ = [
@@ -114,6 +120,7 @@ __all__ = [
     "check_seed",
     "compare_rules",
     "default_record_every",
+    "equal_evaluation_baselines",
     "finished_runs",
     "function_names",
     "gd_learning_rate",

@@ -14,7 +14,13 @@ from agsopt.study.registry import rule_registry
 from agsopt.study.results import RunResult, StudyResult, format_value
 from agsopt.study.runner import run_study
 
-__all__ = ["DEFAULT_RULES", "RULE_FUNCTIONS", "compare_rules", "rule_table"]
+__all__ = [
+    "DEFAULT_RULES",
+    "RULE_FUNCTIONS",
+    "compare_rules",
+    "equal_evaluation_baselines",
+    "rule_table",
+]
 
 RULE_FUNCTIONS = (
     *fns.names(),
@@ -73,22 +79,62 @@ def compare_rules(
     )
 
 
-def rule_table(result: StudyResult, *, iqr: bool = True) -> str:
+def equal_evaluation_baselines(
+    result: StudyResult,
+    optimizers: Sequence[str] = ("gd", "adam"),
+    *,
+    progress: bool = False,
+) -> StudyResult:
+    """The gradient methods ``optimizers`` (names of :data:`agsopt.study.OPTIMIZERS`) on
+    ``result``'s functions, dimension, starts and seed, given as many evaluations as the
+    first rule of ``result`` spent: ``iterations × evaluations per AGS step`` steps of one
+    evaluation each (a gradient counts 1). Pass it to :func:`rule_table` as ``baselines``.
+    """
+    config = result.config
+    first = result.run(config.functions[0], config.optimizers[0])
+    budget = int(first.evaluations[-1])
+    return run_study(
+        config.functions,
+        list(optimizers),
+        dim=config.dim,
+        starts=config.starts,
+        iterations=budget,
+        seed=config.seed,
+        key_impl=config.key_impl,
+        progress=progress,
+    )
+
+
+def rule_table(
+    result: StudyResult, *, iqr: bool = True, baselines: StudyResult | None = None
+) -> str:
     """Markdown: median final f − f* [25 %, 75 %] per rule and the ratio to the first rule.
 
     The last columns divide each rule's median by the first optimizer's (the baseline,
     e.g. IGS): below 1 is better. Where f* is unknown the table shows f and the difference
-    ``median − baseline median`` instead (negative is better).
+    ``median − baseline median`` instead (negative is better). ``baselines`` (from
+    :func:`equal_evaluation_baselines`) adds a column per gradient method, at the same
+    number of evaluations as the rules' last step (ValueError if the budgets differ).
     """
     names = list(result.config.optimizers)
     base = names[0]
+    extra = [] if baselines is None else list(baselines.config.optimizers)
     header = [f"function (d = {result.config.dim})"] + names
+    header += [f"{n} (equal evaluations)" for n in extra]
     header += [f"{n.split(':')[-1]} / {base.split(':')[-1]}" for n in names[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for function in result.config.functions:
-        finals = [result.run(function, n).final() for n in names]
+        runs = [result.run(function, n) for n in names]
+        finals = [run.final() for run in runs]
         cells = []
-        for median, q25, q75 in finals:
+        for name in extra:
+            run = baselines.run(function, name)
+            if int(run.evaluations[-1]) != int(runs[0].evaluations[-1]):
+                raise ValueError(
+                    f"baselines: {name} on {function} spent {int(run.evaluations[-1])} "
+                    f"evaluations, the rules {int(runs[0].evaluations[-1])}"
+                )
+        for median, q25, q75 in finals + [baselines.run(function, n).final() for n in extra]:
             cells.append(
                 format_value(median)
                 + (f" [{format_value(q25)}, {format_value(q75)}]" if iqr else "")
