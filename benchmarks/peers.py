@@ -68,15 +68,17 @@ def agsopt_grad(
     orthogonal: bool = False,
     chunk_size: int | None = None,
     matrix: Any = None,
+    noise_table: jax.Array | None = None,
 ) -> Callable[[PyTree, jax.Array], PyTree]:
-    """A jitted ``(params, key) -> gradient estimate`` spending ``evaluations`` per call."""
+    """A jitted ``(params, key) -> gradient estimate`` spending ``evaluations`` per call
+    (with ``noise_table``, the table is passed to the compiled function on every call)."""
     num_samples = {"antithetic": evaluations // 2, "forward": evaluations - 1}.get(
         method, evaluations
     )
     if matrix is None:
         matrix = covariance.isotropic(problem.sigma)
 
-    def grad(params: PyTree, key: jax.Array) -> PyTree:
+    def grad(params: PyTree, key: jax.Array, table: jax.Array | None = None) -> PyTree:
         return smoothed_value_and_grad(
             problem.fun,
             params,
@@ -86,9 +88,13 @@ def agsopt_grad(
             method=method,
             orthogonal=orthogonal,
             chunk_size=chunk_size,
+            noise_table=table,
         ).grad
 
-    return jax.jit(grad)
+    if noise_table is None:
+        return jax.jit(grad)
+    with_table = jax.jit(grad)
+    return lambda params, key: with_table(params, key, noise_table)
 
 
 def gradient_aligned_matrix(problem: Problem) -> Any:

@@ -412,9 +412,9 @@ def test_linear_orthogonal_mse_partial_block():
 
 
 def test_cholesky_qr_branch_equals_householder_qr():
-    """Wide blocks use CholeskyQR2: the same rows as Householder QR of Gᵀ, diag(R) > 0."""
+    """Blocks use staged Cholesky-QR: the same rows as Householder QR of Gᵀ, diag(R) > 0."""
     gaussian = jax.random.normal(jax.random.key(22), (40, 300))
-    wide = directions_module._cholesky_qr2(gaussian, gaussian @ gaussian.T)
+    wide = directions_module.orthonormal_rows(gaussian)
     q, r = np.linalg.qr(np.asarray(gaussian, np.float64).T)
     np.testing.assert_allclose(wide, (q * np.sign(np.diag(r))).T, atol=2e-5)
     np.testing.assert_allclose(wide @ wide.T, np.eye(40), atol=2e-5)

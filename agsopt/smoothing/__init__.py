@@ -21,7 +21,7 @@ from agsopt.smoothing._ags import (
     igs_sgd,
 )
 from agsopt.smoothing.covariance_rules import CovarianceRule
-from agsopt.smoothing.directions import sample_directions
+from agsopt.smoothing.directions import make_noise_table, sample_directions
 from agsopt.smoothing.estimator import (
     SmoothedEstimate,
     default_chunk_size,
@@ -48,6 +48,7 @@ __all__ = [
     "igs_adam",
     "igs_gd",
     "igs_sgd",
+    "make_noise_table",
     "sample_directions",
     "smoothed_grad",
     "smoothed_value_and_grad",

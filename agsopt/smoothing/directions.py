@@ -18,7 +18,7 @@ starting at row s is projected against the rows before it (twice once d − s �
 the projected rows are short next to the rounding left along the basis), normalized, and
 orthonormalized by a Cholesky-QR step ``q ← L⁻¹ q`` with ``L Lᵀ = q qᵀ`` (two steps where
 d − s − k < 8), which is the same Gram–Schmidt in exact arithmetic. A stage takes
-``k ≤ (d − s)/2`` rows and at most :data:`STAGE_ROWS`, so its projected rows form a
+``k ≤ (d − s)/2`` rows and at most ``STAGE_ROWS``, so its projected rows form a
 Gaussian k × (d − s) block in the orthogonal complement of the rows before, with condition
 number about (√(d−s) + √k)/(√(d−s) − √k) ≤ 5.8: one Cholesky-QR step leaves the rows
 orthonormal to ~1e-6 in float32 (a square 100 × 100 block takes stages of 50, 25, 12, 6,
@@ -27,7 +27,7 @@ orthonormal to ~1e-6 in float32 (a square 100 × 100 block takes stages of 50, 2
 ``cI − (qqᵀ)⁻¹`` is positive definite for ``c = 2⁴⁰``). Why: on CPU jaxlib runs QR and
 triangular solves through OpenBLAS, whose worker threads fight XLA's own on a busy machine
 (one 100 × 100 QR took 0.4–47 ms under load, the orthogonal estimator 20–330× the i.i.d.
-one); a Cholesky factorization of at most 2·:data:`STAGE_ROWS` rows stays on OpenBLAS's
+one); a Cholesky factorization of at most 2·``STAGE_ROWS`` rows stays on OpenBLAS's
 single-threaded path, and the rest is matmuls.
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["STAGE_ROWS", "orthonormal_rows", "sample_directions"]
+__all__ = ["STAGE_ROWS", "make_noise_table", "orthonormal_rows", "sample_directions"]
 
 STAGE_ROWS = 64  # rows per Cholesky-QR stage (the bordered factorization is 2·64 wide)
 _BORDER = 2.0**40  # c in [[W, I], [I, cI]]: above ‖W⁻¹‖ for any unit-diagonal W not singular
@@ -48,6 +48,38 @@ def _iid_directions(key: jax.Array, dim: int, start: jax.Array, count: int, dtyp
     """Directions ``start … start + count − 1``: row n is ``normal(fold_in(key, n), (d,))``."""
     draw = lambda n: jax.random.normal(jax.random.fold_in(key, n), (dim,), dtype)
     return jax.vmap(draw)(start + jnp.arange(count))
+
+
+def make_noise_table(key: jax.Array, size: int = 1 << 22, dtype: Any = jnp.float32) -> jax.Array:
+    """A shared noise table ``normal(key, (size,))`` for ``noise_table`` (default 2²² floats,
+    16 MiB in float32), drawn once and reused across steps (arXiv:1703.03864, §2.1)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"make_noise_table: size must be a positive int, got {size!r}")
+    return jax.random.normal(key, (size,), dtype)
+
+
+def _table_directions(
+    table: jax.Array, key: jax.Array, dim: int, start: jax.Array, count: int, dtype
+) -> jax.Array:
+    """Row n is ``table[o_n : o_n + d]`` with ``o_n = randint(fold_in(key, n), 0, L − d + 1)``."""
+    span = table.shape[0] - dim + 1
+    offset = lambda n: jax.random.randint(jax.random.fold_in(key, n), (), 0, span)
+    offsets = jax.vmap(offset)(start + jnp.arange(count))
+    rows = jax.vmap(lambda o: jax.lax.dynamic_slice_in_dim(table, o, dim))(offsets)
+    return rows.astype(dtype)
+
+
+def check_noise_table(noise_table: Any, dim: int, owner: str = "sample_directions") -> None:
+    """``ValueError``/``TypeError`` naming ``noise_table`` unless it is a 1-D real floating
+    array of at least d entries."""
+    shape = getattr(noise_table, "shape", None)
+    dtype = getattr(noise_table, "dtype", None)
+    if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{owner}: noise_table must be a floating array, got {noise_table!r}")
+    if len(shape) != 1 or shape[0] < dim:
+        raise ValueError(
+            f"{owner}: noise_table must be 1-D with at least d = {dim} entries, got shape {shape}"
+        )
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -106,10 +138,8 @@ def orthonormal_rows(gaussian: jax.Array) -> jax.Array:
     return done[0] if len(done) == 1 else jnp.concatenate(done)
 
 
-def _orthogonal_directions(
-    key: jax.Array, dim: int, start: jax.Array, count: int, dtype
-) -> jax.Array:
-    """The i.i.d. directions ``start … start + count − 1``, orthogonalized in blocks of
+def _orthogonalize(gaussian: jax.Array) -> jax.Array:
+    """The ``(count, d)`` rows of ``gaussian``, orthogonalized in blocks of
     ``b = min(d, count)`` rows, each keeping its length: row j of a block is ``q_j ‖g_j‖``.
 
     The full blocks go through one batched computation; a last, partial block of r < b rows
@@ -117,7 +147,8 @@ def _orthogonal_directions(
     of G alone, so it is distributed as the head of a full block).
     """
     # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
-    gaussian = jax.lax.optimization_barrier(_iid_directions(key, dim, start, count, dtype))
+    gaussian = jax.lax.optimization_barrier(gaussian)
+    count, dim = gaussian.shape
     norms = jnp.sqrt(jnp.sum(gaussian * gaussian, axis=1, keepdims=True))
     block = min(dim, count)
     num_full, rest = divmod(count, block)
@@ -137,6 +168,7 @@ def sample_directions(
     *,
     orthogonal: bool = False,
     dtype: Any = jnp.float32,
+    noise_table: jax.Array | None = None,
 ) -> jax.Array:
     """The directions u_start … u_{start+count−1} the estimator draws, as ``(count, d)`` rows.
 
@@ -144,6 +176,20 @@ def sample_directions(
     :func:`agsopt.tree_utils.tree_unflatten_vector`. With ``orthogonal``, ``start`` and
     ``count`` are one chunk's: the same i.i.d. rows, orthogonalized within blocks of
     ``min(d, count)`` rows, each keeping its length.
+
+    ``noise_table`` (a 1-D array of L standard normals,
+    :func:`~agsopt.smoothing.directions.make_noise_table`): row n is the slice
+    ``table[o_n : o_n + d]`` at a random offset ``o_n`` drawn from ``fold_in(key, n)``, one
+    random integer per direction instead of d normals (arXiv:1703.03864). The price: given
+    the table, E[u uᵀ] is the table's lagged second moment Ĉ = (1/K) Σ_o t_o t_oᵀ over the
+    K = L − d + 1 slices t_o, not I, so for linear f the estimate's mean is Ĉ a (entries of
+    Ĉ − I are O(1/√L)); two directions whose offsets are closer than d share numbers and
+    are correlated (probability ≈ 2d/L per pair).
     """
-    draw = _orthogonal_directions if orthogonal else _iid_directions
-    return draw(key, dim, jnp.asarray(start, jnp.int32), count, dtype)
+    start = jnp.asarray(start, jnp.int32)
+    if noise_table is None:
+        rows = _iid_directions(key, dim, start, count, dtype)
+    else:
+        check_noise_table(noise_table, dim)
+        rows = _table_directions(noise_table, key, dim, start, count, dtype)
+    return _orthogonalize(rows) if orthogonal else rows
