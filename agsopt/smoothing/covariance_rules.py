@@ -365,14 +365,15 @@ def scaled(
       ``c ← max(γc, min_scale)``, ``A ← A·lower_shrink``; else ``r > B``:
       ``c ← min(c/γ, max_scale)``, ``B ← min(B·upper_grow, 1)``; else
       ``A ← A·lower_grow``, ``B ← B·upper_shrink`` (the band narrows until one side fires).
-      These are ASGF's threshold factors (0.95, 1.01, 0.98, 1.02).
+      The thresholds move as ASGF's do (a shrink lowers A, a grow raises B); the factors
+      0.95, 1.01, 0.98, 1.02 are this implementation's defaults.
 
-    Relation to ASGF: ASGF measures its ratio from Gauss–Hermite quadrature along each of d
-    orthonormal directions (derivative of f_σ over a Lipschitz constant from the quadrature
-    points' differences, the largest over directions), sets the learning rate σ/L and resets
-    σ after it has shrunk too far. Here the ratio comes from the Monte Carlo estimates along
-    one direction, the travel direction; the learning rate stays the optimizer's and σ
-    stays in ``[min_scale, max_scale]`` times the given σ instead of being reset.
+    Relation to ASGF (not the same algorithm): ASGF estimates directional derivatives of the
+    smoothed f by Gauss–Hermite quadrature along orthonormal directions and takes its local
+    Lipschitz estimates from those quadrature values, using them to set its other
+    hyperparameters (the learning rate among them) as well. Here the ratio comes from the
+    Monte Carlo estimates along one direction, the travel direction; the learning rate stays
+    the optimizer's, and σ stays within ``[min_scale, max_scale]`` times the given σ.
 
     Args:
       rule: the rule that shapes Σ (a name of :data:`RULES` or a :class:`CovarianceRule`).
