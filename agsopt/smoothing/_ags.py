@@ -29,7 +29,8 @@ PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
 
 # Chosen by the convergence study (README, "AGS against IGS"): at least as good as IGS on 12 of
-# 13 functions in d = 100 (round-off ties included), 1.4–3.2× better on the ill-conditioned ones.
+# 13 functions in d = 100 (round-off ties included), 1.4–3.2× better on the ill-conditioned
+# ones; worse on Ackley (1.14× at d = 100, 515× in a shorter d = 50 run).
 DEFAULT_COVARIANCE = "adaptive_gradient_aligned"
 
 

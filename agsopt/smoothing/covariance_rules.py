@@ -237,9 +237,12 @@ def adaptive_gradient_aligned(
     ``v·ĝ`` (unbiased for ``v·g``, since ``v`` predates ``ĝ``) and of ``‖ĝ‖²``, which the
     estimator's noise inflates: the estimate of c errs low, towards isotropic smoothing.
 
-    In the convergence study (``python -m agsopt study``, d = 100) this rule matches IGS on
-    the separable multimodal functions and lowers the final f − f* of the rotated
-    ill-conditioned ones, where the fixed κ = 2 of :func:`gradient_aligned` raises it.
+    It is a variance-reduction rule: it shapes Σ to lower the estimator's error, not to
+    follow the function's structure. In ``python -m agsopt rules`` (Adam form, d = 100, 20
+    starts, 3000 iterations) it was at least as good as IGS on 12 of 13 functions and
+    1.4–3.2× better on the ill-conditioned ones, where the fixed κ = 2 of
+    :func:`gradient_aligned` is worse than IGS; it lost on Ackley, by 1.14× there and by
+    515× at d = 50 with 500 iterations (IGS 6e-5, this rule 0.03).
 
     Args:
       decay: β in [0, 1) of the moving average ``m`` that gives the direction.

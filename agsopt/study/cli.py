@@ -25,7 +25,7 @@ from agsopt.study.plotting import require_matplotlib
 from agsopt.study.profile import profile_step
 from agsopt.study.registry import OPTIMIZERS, function_names, rule_registry
 from agsopt.study.results import StudyResult
-from agsopt.study.rules import RULE_FUNCTIONS, rule_table
+from agsopt.study.rules import DEFAULT_RULES, RULE_FUNCTIONS, rule_table
 from agsopt.study.runner import run_study
 
 __all__ = ["main"]
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     rules.add_argument(
         "--rules",
         type=_names,
-        default=("isotropic", "gradient_aligned", "adaptive_gradient_aligned"),
+        default=DEFAULT_RULES,
         help="comma-separated rule names; the first is the baseline",
     )
     rules.add_argument("--form", choices=("adam", "gd"), default="adam")
