@@ -40,7 +40,8 @@ import jax.numpy as jnp
 
 __all__ = ["STAGE_ROWS", "make_noise_table", "orthonormal_rows", "sample_directions"]
 
-STAGE_ROWS = 64  # rows per Cholesky-QR stage (the bordered factorization is 2·64 wide)
+STAGE_ROWS = 64
+"""Rows per Cholesky-QR stage at most (the bordered Cholesky factorization is 2·64 wide)."""
 _BORDER = 2.0**40  # c in [[W, I], [I, cI]]: above ‖W⁻¹‖ for any unit-diagonal W not singular
 
 
