@@ -229,3 +229,28 @@ def test_noise_table_linear_bias_and_mse_closed_forms():
     theory = bias @ bias + (np.mean(np.sum(h * h, axis=1)) - expected_mean @ expected_mean) / num
     assert abs(mse - theory) < 5 * mse_se, (mse, theory, mse_se)
     assert abs(theory / ((dim + 1) / num) - 1) < 0.2  # near the Gaussian value at this L
+
+
+def test_vmapped_orthogonal_draws_with_a_partial_block_finish():
+    """Full and partial blocks go through one batched factorization: two batched LAPACK
+    Cholesky calls in one program deadlocked jaxlib's CPU runtime once ``vmap``-ped over
+    keys (d = 100, 128 directions, 60 keys hung forever). Run in a subprocess with a
+    deadline so that a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax\n"
+        "from agsopt.smoothing.directions import sample_directions\n"
+        "f = jax.jit(jax.vmap(lambda k: sample_directions(k, 100, 0, 128, orthogonal=True)))\n"
+        "u = f(jax.random.split(jax.random.key(0), 60)).block_until_ready()\n"
+        "print(u.shape)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("vmapped orthogonal draws with a partial block did not finish in 180 s")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(60, 128, 100)"

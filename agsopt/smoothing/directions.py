@@ -143,21 +143,24 @@ def _orthogonalize(gaussian: jax.Array) -> jax.Array:
     """The ``(count, d)`` rows of ``gaussian``, orthogonalized in blocks of
     ``b = min(d, count)`` rows, each keeping its length: row j of a block is ``q_j ‖g_j‖``.
 
-    The full blocks go through one batched computation; a last, partial block of r < b rows
-    is orthonormalized as an r × d block (the first r rows of Q depend on the first r rows
-    of G alone, so it is distributed as the head of a full block).
+    Every block goes through one batched computation, never two at once: a last, partial
+    block of r < b rows is completed to b rows with rows of the first block (independent of
+    it) and only its first r rows are kept. The first r rows of Q depend on the first r rows
+    of G alone, so they are exactly the LQ factor of the r rows. (Two batched LAPACK
+    factorizations that XLA may run concurrently deadlocked on a 2-core CPU, jaxlib 0.10.2,
+    once the directions were ``vmap``-ped over keys.)
     """
     # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
     gaussian = jax.lax.optimization_barrier(gaussian)
     count, dim = gaussian.shape
     norms = jnp.sqrt(jnp.sum(gaussian * gaussian, axis=1, keepdims=True))
     block = min(dim, count)
-    num_full, rest = divmod(count, block)
-    full = gaussian[: num_full * block].reshape(num_full, block, dim)
-    parts = [jax.vmap(orthonormal_rows)(full).reshape(num_full * block, dim)]
+    num_blocks, rest = -(-count // block), count % block
+    padded = gaussian
     if rest:
-        parts.append(orthonormal_rows(gaussian[num_full * block :]))
-    rows = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        padded = jnp.concatenate([gaussian, gaussian[: block - rest]])
+    blocks = padded.reshape(num_blocks, block, dim)
+    rows = jax.vmap(orthonormal_rows)(blocks).reshape(num_blocks * block, dim)[:count]
     return rows * norms
 
 
