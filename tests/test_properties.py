@@ -222,7 +222,9 @@ def test_ags_all_nonfinite_step_gives_zero_update_and_keeps_rule_state():
     rule_states = (jax.tree.leaves(bad_state.rule_state), jax.tree.leaves(state.rule_state))
     for new, old in zip(*rule_states, strict=True):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
-    assert np.isnan(float(bad_state.value))  # the step's smoothed-loss estimate is undefined
+    # the step's estimate is undefined: value keeps the latest finite one, the step is skipped
+    assert float(bad_state.value) == float(state.value)
+    assert int(bad_state.num_skipped) == int(state.num_skipped) + 1
     assert int(bad_state.count) == int(state.count) + 1  # the key and σ schedule move on
 
 
