@@ -179,11 +179,16 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._perturbation import mean_over_shards, sam_perturbation
+from agsopt.sharpness._perturbation import (
+    Radius,
+    check_radius,
+    mean_over_shards,
+    radius_at,
+    sam_perturbation,
+)
 from agsopt.tree_utils import key_for_state, split_state_key, tree_add_scaled
 
 PyTree = Any
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 __all__ = [
     "AUSAMState",
@@ -454,7 +459,7 @@ def _check_state(state: AUSAMState, num_examples: int, key_shape: tuple[int, ...
 
 def ausam(
     num_examples: int,
-    rho: ScalarOrSchedule = 0.1,
+    rho: Radius = 0.1,
     *,
     steps_per_epoch: int,
     alpha: float = 0.5,
@@ -511,8 +516,7 @@ def ausam(
     alpha = float(np.asarray(alpha))
     if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    if not callable(rho):
-        validation.check_positive("rho", rho, allow_zero=True)
+    check_radius("rho", rho)
     validation.check_positive("f_min", f_min)
     validation.check_positive("f_max", f_max)
     if validation.is_concrete(f_min) and validation.is_concrete(f_max):
@@ -549,7 +553,7 @@ def ausam(
         state = jax.tree.map(jnp.asarray, state)  # e.g. NumPy leaves of a restored checkpoint
         batch = ids.shape[0]
         k = ausam_subset_size(alpha, batch)
-        rho_t = rho(state.count) if callable(rho) else rho
+        rho_t = radius_at(rho, state.count)
         next_key, sample_key = split_state_key(state.key, key_impl)
         if axis_name is not None:
             sample_key = jax.random.fold_in(sample_key, jax.lax.axis_index(axis_name))

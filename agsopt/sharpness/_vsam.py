@@ -165,7 +165,14 @@ import optax
 
 from agsopt import _validation as validation
 from agsopt.sharpness._ausam import _saturating_add, _statistics_dtype
-from agsopt.sharpness._perturbation import mean_over_shards, perturbed_gradient, sam_perturbation
+from agsopt.sharpness._perturbation import (
+    Radius,
+    check_radius,
+    mean_over_shards,
+    perturbed_gradient,
+    radius_at,
+    sam_perturbation,
+)
 from agsopt.tree_utils import (
     key_for_state,
     split_state_key,
@@ -175,7 +182,6 @@ from agsopt.tree_utils import (
 )
 
 PyTree = Any
-ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 LastLayer = int | None | PyTree | Callable[[PyTree], PyTree]
 Histories = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -484,7 +490,7 @@ def _check_state(state: VSAMState, params: PyTree, window: int, key_shape: tuple
 
 
 def vsam(
-    rho: ScalarOrSchedule = 0.05,
+    rho: Radius = 0.05,
     *,
     steps_per_epoch: int | None = None,
     warmup_epochs: int = 3,
@@ -567,8 +573,7 @@ def vsam(
         )
     last_layer = _check_last_layer(last_layer)
     reuse_steps = validation.check_int("reuse_steps", reuse_steps, minimum=0)
-    if not callable(rho):
-        validation.check_positive("rho", rho, allow_zero=True)
+    check_radius("rho", rho)
     validation.check_fraction("max_p", max_p)
     if validation.is_concrete(max_p) and int(window * float(np.asarray(max_p))) < 1:
         raise ValueError(f"max_p must allow one SAM step per window: window·max_p < 1 ({max_p})")
@@ -611,7 +616,7 @@ def vsam(
             raise TypeError("agsopt.vsam: update() needs params")
         _check_state(state, params, window, key_shape)
         state = jax.tree.map(jnp.asarray, state)  # e.g. NumPy leaves of a restored checkpoint
-        rho_t = rho(state.count) if callable(rho) else rho
+        rho_t = radius_at(rho, state.count)
         next_key, schedule_key = split_state_key(state.key, key_impl)
         in_warmup, pos, window_start = vsam_step_position(state.count, warmup, window)
         max_sr = _max_sr(window, max_p, state.base_sr.dtype)
