@@ -19,6 +19,8 @@ from jax.flatten_util import ravel_pytree
 
 import agsopt
 from agsopt import covariance_rules
+from agsopt.smoothing import make_noise_table
+from agsopt.tree_utils import key_for_state, split_state_key
 
 Z_BOUND = 5.0
 DIM = 5
@@ -114,6 +116,43 @@ def test_missing_value_fn_or_params():
 def test_invalid_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         agsopt.ags(**kwargs)
+
+
+def test_noise_table_reaches_the_estimator():
+    """``ags(noise_table=t)`` takes the estimator's noise-table directions with the step key:
+    its update equals ``smoothed_grad(..., noise_table=t)`` at that key, and differs from the
+    i.i.d. update of the same key."""
+    table = make_noise_table(jax.random.key(5), 4096)
+    opt = agsopt.ags(sigma=0.3, num_samples=6, covariance="isotropic", key=3, noise_table=table)
+    state = opt.init(PARAMS)
+    updates, new_state = jax.jit(
+        lambda s: opt.update(ZEROS, s, PARAMS, value_fn=half_square, foo=1)
+    )(state)
+    key_data, key_impl = key_for_state(3)
+    next_key, step_key = split_state_key(key_data, key_impl)
+    expected = agsopt.estimator.smoothed_grad(
+        half_square,
+        PARAMS,
+        step_key,
+        agsopt.covariance.isotropic(0.3),
+        num_samples=6,
+        noise_table=table,
+    )
+    np.testing.assert_allclose(flat(updates), flat(expected), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(new_state.key), np.asarray(next_key))
+    iid = flat(one_step(agsopt.ags(sigma=0.3, num_samples=6, covariance="isotropic", key=3))[0])
+    assert np.max(np.abs(iid - flat(updates))) > 1e-3
+
+
+def test_noise_table_is_checked():
+    with pytest.raises(TypeError, match="noise_table"):
+        agsopt.ags(noise_table=jnp.zeros(64, jnp.int32))
+    with pytest.raises(ValueError, match="noise_table"):
+        agsopt.ags(noise_table=jnp.zeros((8, 8)))
+    with pytest.raises(TypeError, match="noise_table"):
+        agsopt.ags(noise_table=[0.0] * 64)
+    with pytest.raises(ValueError, match="noise_table must be 1-D with at least d = 5"):
+        agsopt.ags(noise_table=jnp.zeros(4)).init(PARAMS)
 
 
 def test_sigma_schedule_follows_the_count():

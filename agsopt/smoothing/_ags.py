@@ -22,8 +22,9 @@ import optax
 from agsopt import _validation as validation
 from agsopt.smoothing import estimator
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
+from agsopt.smoothing.directions import check_noise_table
 from agsopt.smoothing.estimator import METHODS, SmoothedEstimate
-from agsopt.tree_utils import key_for_state, split_state_key, tree_all_finite
+from agsopt.tree_utils import key_for_state, split_state_key, tree_all_finite, tree_size
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
@@ -115,6 +116,7 @@ def ags(
     orthogonal: bool = False,
     chunk_size: int | None = None,
     sample_sharding: jax.sharding.Sharding | None = None,
+    noise_table: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Replace the gradient by a Monte Carlo estimate of the smoothed gradient ∇f_Σ.
 
@@ -146,6 +148,14 @@ def ags(
         sized from d and the backend (:func:`agsopt.estimator.default_chunk_size`).
       sample_sharding: shard the Monte Carlo sample axis over devices (see
         :func:`agsopt.estimator.smoothed_value_and_grad`).
+      noise_table: a 1-D array of standard normals, e.g.
+        ``agsopt.smoothing.make_noise_table(jax.random.key(1), 1 << 22)``: every direction
+        is a slice of it at a random offset (one random integer per direction instead of d
+        normals), at the statistical price stated in
+        :func:`agsopt.estimator.smoothed_value_and_grad`. Off (``None``) by default. The
+        table is held by the transformation, not its state (checkpoints stay small), so it
+        is a constant of every compiled step (``2²²`` float32 numbers add 16 MiB to the
+        program); it must hold at least d numbers (checked at ``init``).
 
     Non-finite losses at some samples are left out and counted in ``num_nonfinite``. A step
     at which no sample is finite, or whose estimate is not finite (∇f_Σ out of float range),
@@ -167,9 +177,13 @@ def ags(
         validation.check_int("chunk_size", chunk_size, minimum=1)
     rule = get_rule(covariance)
     key_data, key_impl = key_for_state(key)
+    if noise_table is not None:
+        check_noise_table(noise_table, 1, "agsopt.ags")
 
     def init_fn(params: PyTree) -> AGSState:
         validation.check_float_params(params, "agsopt.ags")
+        if noise_table is not None:
+            check_noise_table(noise_table, tree_size(params), "agsopt.ags")
         zero = jnp.zeros((), jnp.int32)
         return AGSState(
             key=key_data,
@@ -201,6 +215,7 @@ def ags(
                 orthogonal=orthogonal,
                 chunk_size=chunk_size,
                 sample_sharding=sample_sharding,
+                noise_table=noise_table,
                 owner="agsopt.ags",
                 fun_name="value_fn",
             )
