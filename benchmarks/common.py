@@ -65,7 +65,7 @@ def environment() -> dict[str, Any]:
     except AttributeError:
         usable_cpus = os.cpu_count()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": device.platform,
         "device": cpu_model() if device.platform == "cpu" else device.device_kind,
         "device_kind": device.device_kind,

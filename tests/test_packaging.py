@@ -8,9 +8,9 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 
-import tomllib
 from markdown_blocks import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
