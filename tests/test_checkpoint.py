@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 from flax import serialization
+from transformations import Problem, cases, select
 
 import agsopt
 from agsopt.sharpness import ausam
@@ -46,64 +47,42 @@ def loss(p, x, y):
     return jnp.mean(per_example_loss(p, x, y))
 
 
-OPTIMIZERS = {
-    "ags isotropic + sgd": lambda: optax.chain(
-        agsopt.ags(0.2, 8, covariance="isotropic", key=1), optax.sgd(0.05, momentum=0.9)
-    ),
-    "ags gradient_aligned + adam": lambda: optax.chain(
-        agsopt.ags(0.2, 8, covariance="gradient_aligned", key=2), optax.adam(0.05)
-    ),
-    "ags adaptive_diagonal forward + sgd": lambda: optax.chain(
-        agsopt.ags(
-            optax.exponential_decay(0.2, 2, 0.5),
-            6,
-            covariance="adaptive_diagonal",
-            method="forward",
-            chunk_size=4,
-            key=3,
-        ),
-        optax.sgd(0.05),
-    ),
-    "sam + sgd": lambda: optax.chain(agsopt.sam(0.05), optax.sgd(0.1, momentum=0.9)),
-    "asam + adam": lambda: optax.chain(agsopt.sam(0.5, adaptive=True), optax.adam(0.05)),
-    "bsam + adam": lambda: optax.chain(agsopt.bsam(0.05, 0.02), optax.adam(0.05)),
-    "vsam + adam": lambda: optax.chain(
-        agsopt.vsam(0.05, window=2, var_blocks=1, warmup_steps=2, reuse_steps=2, key=4),
-        optax.adam(0.05),
-    ),
-    "ausam + sgd": lambda: optax.chain(
-        ausam(NUM_EXAMPLES, 0.05, steps_per_epoch=2, alpha=0.5, key=5),
-        optax.sgd(0.1, momentum=0.9),
-    ),
-}
+BASES = (lambda: optax.sgd(0.05, momentum=0.9), lambda: optax.adam(0.05))
+ENTRIES = select(alias=False)  # the aliases are ags chained with a base: tests/test_registry.py
 
 
-def _step_fn(name):
-    opt = OPTIMIZERS[name]()
+def make(entry):
+    """The entry (on this dataset) chained with a base optimizer, SGD or Adam in turn."""
+    opt = entry.make(num_examples=NUM_EXAMPLES) if entry.factory is ausam else entry.make()
+    if entry.final_updates:  # it wraps its base optimizer
+        return opt
+    return optax.chain(opt, BASES[ENTRIES.index(entry) % 2]())
+
+
+def problem(ids):
+    x, y = X[ids], Y[ids]
+    return Problem(
+        value_fn=lambda p: loss(p, x, y),
+        per_example_loss_fn=lambda p, positions: per_example_loss(p, x[positions], y[positions]),
+        ids=ids,
+    )
+
+
+def _step_fn(entry):
+    opt = make(entry)
 
     def step(params, state, ids):
-        x, y = X[ids], Y[ids]
-        if name.startswith("ausam"):
-
-            def per_example_loss_fn(p, positions):
-                return per_example_loss(p, x[positions], y[positions])
-
-            updates, state = opt.update(
-                None, state, params, per_example_loss_fn=per_example_loss_fn, ids=ids
-            )
-        else:
-            grads = jax.grad(loss)(params, x, y)
-            updates, state = opt.update(grads, state, params, value_fn=lambda p: loss(p, x, y))
+        updates, state = entry.update(opt, None, state, params, problem(ids))
         return optax.apply_updates(params, updates), state
 
     return jax.jit(step)
 
 
 @functools.cache
-def _runs(name):
+def _runs(entry):
     """The uninterrupted run, and the run resumed from bytes after INTERRUPT steps."""
-    step = _step_fn(name)
-    params, state = PARAMS, OPTIMIZERS[name]().init(PARAMS)
+    step = _step_fn(entry)
+    params, state = PARAMS, make(entry).init(PARAMS)
     trajectory = []
     for ids in BATCH_IDS:
         params, state = step(params, state, jnp.asarray(ids))
@@ -113,7 +92,7 @@ def _runs(name):
         {"params": trajectory[INTERRUPT - 1][0], "opt_state": trajectory[INTERRUPT - 1][1]}
     )
     # as in a new process, a freshly built optimizer provides the template
-    template = {"params": PARAMS, "opt_state": OPTIMIZERS[name]().init(PARAMS)}
+    template = {"params": PARAMS, "opt_state": make(entry).init(PARAMS)}
     restored = serialization.from_bytes(template, checkpoint)
     params, state = restored["params"], restored["opt_state"]
     for ids in BATCH_IDS[INTERRUPT:]:
@@ -129,10 +108,10 @@ def assert_trees_identical(a, b):
         np.testing.assert_array_equal(x, y)  # NaN == NaN here, bit for bit otherwise
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_state_round_trips_through_bytes_and_msgpack(name):
-    trajectory, _ = _runs(name)
-    template = OPTIMIZERS[name]().init(PARAMS)
+@pytest.mark.parametrize("entry", cases(ENTRIES))
+def test_state_round_trips_through_bytes_and_msgpack(entry):
+    trajectory, _ = _runs(entry)
+    template = make(entry).init(PARAMS)
     for _, state in (trajectory[0], trajectory[-1]):
         assert_trees_identical(
             serialization.from_bytes(template, serialization.to_bytes(state)), state
@@ -142,19 +121,19 @@ def test_state_round_trips_through_bytes_and_msgpack(name):
         assert_trees_identical(restored, state)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_resumed_run_is_bit_identical(name):
-    trajectory, (params, state) = _runs(name)
+@pytest.mark.parametrize("entry", cases(ENTRIES))
+def test_resumed_run_is_bit_identical(entry):
+    trajectory, (params, state) = _runs(entry)
     final_params, final_state = trajectory[-1]
     assert_trees_identical(params, final_params)
     assert_trees_identical(state, final_state)
     assert not np.array_equal(np.asarray(final_params["w"]), np.asarray(PARAMS["w"]))
 
 
-@pytest.mark.parametrize("name", ["ags isotropic + sgd", "vsam + adam", "ausam + sgd"])
-def test_states_hold_raw_key_data(name):
+@pytest.mark.parametrize("entry", cases(select(alias=False, random=True)))
+def test_states_hold_raw_key_data(entry):
     """Raw ``uint32`` key data, not typed keys (which msgpack cannot store)."""
-    _, (_, state) = _runs(name)
+    _, (_, state) = _runs(entry)
     keys = [s.key for s in state if hasattr(s, "key")]
     assert keys and all(np.asarray(k).dtype == np.uint32 for k in keys)
     for leaf in jax.tree.leaves(state):

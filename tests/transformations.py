@@ -1,0 +1,237 @@
+"""The one registry of agsopt's public transformations, and how each is called (tests only).
+
+Every test that runs "each transformation" draws its cases from :data:`REGISTRY`: an entry
+holds a name, the public factory, small keyword arguments (fixed keys) and its calling
+protocol. Adding a transformation, or a configuration that matters, is one entry here;
+``tests/test_registry.py`` fails when a public transformation has none.
+
+The calling protocol is declarative: what ``update`` receives as its updates and which
+keyword extra arguments it reads. A test states its problem once, as a :class:`Problem`
+(the minibatch loss, and for AUSAM the per-example losses and the dataset ids), and calls
+``entry.update(opt, grads, state, params, problem)``, where ``opt`` is the entry's
+transformation or anything that forwards extra arguments to it (``optax.chain`` with it
+first, ``optax.MultiSteps``, ``bsam(base=...)``).
+
+``core`` entries run in every generic test by default; the others (further covariance
+rules, ``step_from="min_point"``) run in the expensive generic tests under ``-m slow`` and
+always in ``tests/test_registry.py``. The ``ags_*``/``igs_*`` aliases are
+``optax.chain(ags(...), base)``: ``tests/test_registry.py`` checks exactly that, and the
+generic tests leave them out (``alias=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import optax
+import pytest
+
+import agsopt
+
+
+class Problem(NamedTuple):
+    """What one update is given, named as the keyword extra arguments that carry it.
+
+    ``value_fn(params) -> scalar`` is the minibatch loss; ``per_example_loss_fn(params,
+    positions) -> losses`` the losses of the batch's examples at ``positions`` (AUSAM), and
+    ``ids`` those examples' dataset ids.
+    """
+
+    value_fn: Callable[[Any], jax.Array]
+    per_example_loss_fn: Callable[[Any, jax.Array], jax.Array] | None = None
+    ids: jax.Array | None = None
+
+
+class Protocol(NamedTuple):
+    """How ``update`` is called.
+
+    ``updates``: ``"gradient"`` (it reads them as ``∇L(w)``), ``"ignored"`` (any tree shaped
+    like the parameters: the given gradient, or zeros) or ``"none"`` (``None``).
+    ``extra_args``: the keyword extra arguments it reads, each a :class:`Problem` field.
+    """
+
+    updates: str
+    extra_args: tuple[str, ...]
+
+
+GRADIENT = Protocol("gradient", ("value_fn",))  # SAM, ASAM, BSAM, vSAM
+ZERO_ORDER = Protocol("ignored", ("value_fn",))  # AGS/IGS (and their aliases)
+PER_EXAMPLE = Protocol("none", ("per_example_loss_fn", "ids"))  # AUSAM
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (functools.cache)
+class Entry:
+    """One transformation under test.
+
+    ``random``: its state holds a PRNG key. ``axis_name``: it takes ``axis_name`` (m-sharpness
+    under ``shard_map``). ``alias``: a public ``optax.chain(ags(...), base)`` alias.
+    ``final_updates``: ``update`` returns final updates (a base optimizer inside), not a
+    gradient to chain in front of one.
+    """
+
+    name: str
+    factory: Callable[..., optax.GradientTransformationExtraArgs]
+    kwargs: Mapping[str, Any]
+    protocol: Protocol
+    random: bool = False
+    axis_name: bool = False
+    alias: bool = False
+    final_updates: bool = False
+    core: bool = False
+
+    @property
+    def factory_name(self) -> str:
+        return self.factory.__name__
+
+    @property
+    def needs_grads(self) -> bool:
+        return self.protocol.updates == "gradient"
+
+    @property
+    def uses_value_fn(self) -> bool:
+        return "value_fn" in self.protocol.extra_args
+
+    def make(self, **overrides: Any) -> optax.GradientTransformationExtraArgs:
+        """The transformation, with ``overrides`` replacing or adding keyword arguments."""
+        return self.factory(**{**self.kwargs, **overrides})
+
+    def extra_args(self, problem: Problem) -> dict[str, Any]:
+        """The keyword extra arguments of ``update`` (also for ``nnx.Optimizer.update``)."""
+        args = {name: getattr(problem, name) for name in self.protocol.extra_args}
+        missing = [name for name, value in args.items() if value is None]
+        if missing:
+            raise ValueError(f"{self.name}: the problem lacks {missing}")
+        return args
+
+    def incoming(self, grads: Any, params: Any, problem: Problem) -> Any:
+        """What ``update`` receives as its updates (``grads=None``: computed if needed)."""
+        kind = self.protocol.updates
+        if kind == "none":
+            return None
+        if grads is not None:
+            return grads
+        if kind == "gradient":
+            return jax.grad(problem.value_fn)(params)
+        return optax.tree.zeros_like(params)
+
+    def update(
+        self,
+        opt: optax.GradientTransformation,
+        grads: Any,
+        state: Any,
+        params: Any,
+        problem: Problem,
+    ) -> tuple[Any, Any]:
+        """``opt.update`` called as this transformation needs (``opt`` may wrap it)."""
+        incoming = self.incoming(grads, params, problem)
+        return opt.update(incoming, state, params, **self.extra_args(problem))
+
+
+def _ags(name: str, *, core: bool = False, **kwargs: Any) -> Entry:
+    kwargs = {"sigma": 0.3, "num_samples": 8, **kwargs}
+    return Entry(name, agsopt.ags, kwargs, ZERO_ORDER, random=True, core=core)
+
+
+def _alias(factory: Callable[..., Any], key: int) -> Entry:
+    kwargs = {"learning_rate": 0.05, "sigma": 0.3, "num_samples": 8, "key": key}
+    return Entry(
+        factory.__name__, factory, kwargs, ZERO_ORDER, random=True, alias=True, final_updates=True
+    )
+
+
+_ENTRIES = (
+    # AGS: every registered covariance rule, every method, orthogonal blocks, a σ schedule
+    # and a chunk size that leaves a remainder
+    _ags("ags", key=1, core=True),  # the default rule, adaptive_gradient_aligned, antithetic
+    _ags(
+        "ags adaptive_diagonal forward schedule chunked",
+        sigma=optax.exponential_decay(0.3, 2, 0.5),
+        num_samples=6,
+        covariance="adaptive_diagonal",
+        method="forward",
+        chunk_size=4,
+        key=2,
+        core=True,
+    ),
+    _ags(
+        "ags isotropic first_order", covariance="isotropic", method="first_order", key=3, core=True
+    ),
+    _ags(
+        "ags gradient_aligned plain orthogonal",
+        covariance="gradient_aligned",
+        method="plain",
+        orthogonal=True,
+        key=4,
+        core=True,
+    ),
+    _ags("ags scaled_isotropic", covariance="scaled_isotropic", key=5),
+    _ags(
+        "ags scaled_adaptive_gradient_aligned",
+        covariance="scaled_adaptive_gradient_aligned",
+        key=6,
+    ),
+    _alias(agsopt.ags_gd, 7),
+    _alias(agsopt.ags_sgd, 8),
+    _alias(agsopt.ags_adam, 9),
+    _alias(agsopt.igs_gd, 10),
+    _alias(agsopt.igs_sgd, 11),
+    _alias(agsopt.igs_adam, 12),
+    # the SAM family
+    Entry("sam", agsopt.sam, {"rho": 0.05}, GRADIENT, axis_name=True, core=True),
+    Entry("asam", agsopt.sam, {"rho": 0.5, "adaptive": True}, GRADIENT, axis_name=True, core=True),
+    Entry(
+        "bsam", agsopt.bsam, {"rho_max": 0.05, "rho_min": 0.02}, GRADIENT, axis_name=True, core=True
+    ),
+    Entry(
+        "bsam min_point",
+        agsopt.bsam,
+        {
+            "rho_max": 0.05,
+            "rho_min": 0.02,
+            "step_from": "min_point",
+            "base": optax.sgd(0.1, momentum=0.9),
+        },
+        GRADIENT,
+        axis_name=True,
+        final_updates=True,
+    ),
+    Entry(
+        "vsam",
+        agsopt.vsam,
+        {"rho": 0.05, "window": 2, "var_blocks": 1, "warmup_steps": 1, "reuse_steps": 2, "key": 4},
+        GRADIENT,
+        random=True,
+        axis_name=True,
+        core=True,
+    ),
+    Entry(
+        "ausam",
+        agsopt.ausam,
+        {"num_examples": 8, "rho": 0.05, "steps_per_epoch": 2, "alpha": 0.5, "key": 5},
+        PER_EXAMPLE,
+        random=True,
+        axis_name=True,
+        core=True,
+    ),
+)
+
+REGISTRY: dict[str, Entry] = {entry.name: entry for entry in _ENTRIES}
+assert len(REGISTRY) == len(_ENTRIES), "entry names must be unique"
+
+
+def select(**flags: Any) -> list[Entry]:
+    """The entries whose attributes equal ``flags`` (e.g. ``select(alias=False)``)."""
+    return [e for e in _ENTRIES if all(getattr(e, k) == v for k, v in flags.items())]
+
+
+def cases(entries: list[Entry], *, slow_unless_core: bool = True) -> list[Any]:
+    """A ``pytest.param`` per entry, with its name as id; the non-core ones marked slow."""
+    return [
+        pytest.param(
+            e, id=e.name, marks=pytest.mark.slow if slow_unless_core and not e.core else ()
+        )
+        for e in entries
+    ]
