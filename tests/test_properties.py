@@ -20,9 +20,9 @@ import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformations import Problem, cases, select
 
 import agsopt
-from agsopt.sharpness import ausam
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 SHAPES = ((), (1,), (3,), (2, 3), (2, 1, 2))
@@ -68,30 +68,23 @@ def per_example_loss_fn(params, positions):
     return (1.0 + 0.1 * positions.astype(jnp.float32)) * loss(params)
 
 
-TRANSFORMS = {
-    "ags": lambda cov, method: agsopt.ags(0.3, 4, covariance=cov, method=method, key=1),
-    "sam": lambda adaptive: agsopt.sam(0.1, adaptive=adaptive),
-    "bsam": lambda: agsopt.bsam(0.1, 0.05),
-    "vsam": lambda: agsopt.vsam(0.1, window=2, var_blocks=1, warmup_steps=1, reuse_steps=1),
-    "ausam": lambda: ausam(4, 0.1, steps_per_epoch=1, alpha=0.5),
+PROBLEM = Problem(value_fn=loss, per_example_loss_fn=per_example_loss_fn, ids=jnp.arange(4))
+OVERRIDES = {  # file-specific: AUSAM on this 4-example batch, its second step sampled
+    "ausam": {"num_examples": 4, "steps_per_epoch": 1, "alpha": 0.5},
 }
 
 
-def two_steps(opt, params, use_ausam):
+def two_steps(entry, opt, params):
     state, outputs = opt.init(params), []
     for _ in range(2):
-        if use_ausam:
-            kwargs = {"per_example_loss_fn": per_example_loss_fn, "ids": jnp.arange(4)}
-            updates, state = opt.update(None, state, params, **kwargs)
-        else:
-            updates, state = opt.update(jax.grad(loss)(params), state, params, value_fn=loss)
+        updates, state = entry.update(opt, None, state, params, PROBLEM)
         outputs.append(updates)
     return outputs, state
 
 
-def check_properties(opt, params, use_ausam=False):
-    eager = two_steps(opt, params, use_ausam)
-    jitted = jax.jit(lambda p: two_steps(opt, p, use_ausam))(params)
+def check_properties(entry, opt, params):
+    eager = two_steps(entry, opt, params)
+    jitted = jax.jit(lambda p: two_steps(entry, opt, p))(params)
     for outputs, state in (eager, jitted):
         for updates in outputs:
             assert jax.tree.structure(updates) == jax.tree.structure(params)
@@ -121,61 +114,32 @@ def jit_tolerance(dtype):
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 
 
-def _ags_case(spec, seed, cov, method):
-    check_properties(TRANSFORMS["ags"](cov, method), build(spec, seed))
+METHODS = (None, "antithetic", "forward", "first_order", "plain")  # None: the entry's own
+VARIANTS = {"ags": {"method": st.sampled_from(METHODS)}}  # drawn on top of each entry
+EXAMPLES = {"ags": (2, 20), "sam": (6, 20), "bsam": (4, 20)}  # (by default, when slow)
+FACTORIES = sorted({entry.factory_name for entry in select(alias=False)})
 
 
-def _sam_case(spec, seed, adaptive):
-    check_properties(TRANSFORMS["sam"](adaptive), build(spec, seed))
+def _property_test(factory: str, slow: bool):
+    """Random trees through entries of ``factory`` (the core ones unless ``slow``)."""
+    group = [e for e in select(alias=False) if e.factory_name == factory]
+    drawn = [e for e in group if e.core or slow] or group
+    quick_examples, slow_examples = EXAMPLES.get(factory, (2, 12))
 
+    def body(spec, seed, entry, **variant):
+        overrides = {**OVERRIDES.get(entry.name, {})}
+        overrides.update({k: v for k, v in variant.items() if v is not None})
+        check_properties(entry, entry.make(**overrides), build(spec, seed))
 
-def _bsam_case(spec, seed):
-    check_properties(TRANSFORMS["bsam"](), build(spec, seed))
-
-
-def _vsam_case(spec, seed):
-    check_properties(TRANSFORMS["vsam"](), build(spec, seed))
-
-
-def _ausam_case(spec, seed):
-    check_properties(TRANSFORMS["ausam"](), build(spec, seed), use_ausam=True)
-
-
-CASES = {  # name: (test body, its strategies, examples by default, examples when slow)
-    "ags": (
-        _ags_case,
-        {
-            "cov": st.sampled_from(["isotropic", "gradient_aligned", "adaptive_diagonal"]),
-            "method": st.sampled_from(["antithetic", "forward", "first_order"]),
-        },
-        2,
-        20,
-    ),
-    "sam": (_sam_case, {"adaptive": st.booleans()}, 6, 20),
-    "bsam": (_bsam_case, {}, 4, 20),
-    "vsam": (_vsam_case, {}, 2, 12),
-    "ausam": (_ausam_case, {}, 2, 12),
-}
-
-
-def _property_test(name: str, slow: bool):
-    body, strategies, quick_examples, slow_examples = CASES[name]
-    examples = slow_examples if slow else quick_examples
+    strategies = {"entry": st.sampled_from(drawn), **VARIANTS.get(factory, {})}
     test = given(spec=tree_specs, seed=st.integers(0, 2**16), **strategies)(body)
-    test = settings(max_examples=examples, **SETTINGS)(test)
+    test = settings(max_examples=slow_examples if slow else quick_examples, **SETTINGS)(test)
     return pytest.mark.slow(test) if slow else test
 
 
-test_ags_properties = _property_test("ags", slow=False)
-test_sam_properties = _property_test("sam", slow=False)
-test_bsam_properties = _property_test("bsam", slow=False)
-test_vsam_properties = _property_test("vsam", slow=False)
-test_ausam_properties = _property_test("ausam", slow=False)
-test_ags_properties_many = _property_test("ags", slow=True)
-test_sam_properties_many = _property_test("sam", slow=True)
-test_bsam_properties_many = _property_test("bsam", slow=True)
-test_vsam_properties_many = _property_test("vsam", slow=True)
-test_ausam_properties_many = _property_test("ausam", slow=True)
+for _factory in FACTORIES:  # test_ags_properties, test_ags_properties_many, ...
+    globals()[f"test_{_factory}_properties"] = _property_test(_factory, slow=False)
+    globals()[f"test_{_factory}_properties_many"] = _property_test(_factory, slow=True)
 
 
 # --------------------------------------------------------------------------- faults
@@ -228,20 +192,18 @@ def test_ags_all_nonfinite_step_gives_zero_update_and_keeps_rule_state():
     assert int(bad_state.count) == int(state.count) + 1  # the key and σ schedule move on
 
 
-@pytest.mark.parametrize("name", ["sam", "bsam"])
-def test_sam_family_nan_step_leaves_state_finite(name):
-    opt = optax.chain(
-        agsopt.sam(0.1) if name == "sam" else agsopt.bsam(0.1), optax.sgd(0.1, momentum=0.9)
-    )
+@pytest.mark.parametrize("entry", cases(select(needs_grads=True, final_updates=False)))
+def test_sam_family_nan_step_leaves_state_finite(entry):
+    opt = optax.chain(entry.make(), optax.sgd(0.1, momentum=0.9))
     state = opt.init(PARAMS)
-    bad = lambda p: jnp.nan * loss(p)
-    _, state = opt.update(jax.grad(bad)(PARAMS), state, PARAMS, value_fn=bad)
+    bad = Problem(value_fn=lambda p: jnp.nan * loss(p))
+    _, state = entry.update(opt, None, state, PARAMS, bad)
     assert int(state[0].count) == 1
     # SAM's own state is its step count; the NaN reaches the base optimizer's momentum,
     # which is what optax.apply_if_finite is for (tests/test_compat.py).
     guarded = optax.apply_if_finite(opt, 3)
     gstate = guarded.init(PARAMS)
-    updates, gstate = guarded.update(jax.grad(bad)(PARAMS), gstate, PARAMS, value_fn=bad)
+    updates, gstate = entry.update(guarded, None, gstate, PARAMS, bad)
     for leaf in jax.tree.leaves((updates, gstate)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             assert np.all(np.isfinite(np.asarray(leaf)))
