@@ -52,6 +52,29 @@ result is the same bit for bit (compared with the unscaled sums for every method
 chunking and Σ kind when this was written); the estimate is non-finite only when ∇f_Σ
 itself is out of the dtype's range.
 
+Curvature (``curvature=True``, opt-in). Second-order Stein identity: for u ~ N(0, I) and a
+smooth g, Gaussian integration by parts twice gives E[g(u)(u_i u_j − δ_ij)] = E[∂_i∂_j g(u)];
+with g(u) = f(x + Σu), ∂_i∂_j g = (Σᵀ∇²f(x + Σu)Σ)_ij, so
+
+    E_u[f(x + Σu)(uuᵀ − I)] = Σᵀ E_u[∇²f(x + Σu)] Σ = Σᵀ ∇²f_Σ(x) Σ
+
+(for non-smooth f the right side is the Hessian of the always-smooth f_Σ). The estimator
+returns its diagonal, ``c_i = E[v (u_i² − 1)]``, from the evaluations it already makes (no
+extra call of ``fun``): ``v_n = [f(x+Σu_n) + f(x−Σu_n)]/2`` (antithetic; the odd part of f,
+which only adds variance here, cancels) or ``v_n = f(x+Σu_n)`` (forward, plain). The sample
+mean ``v̄`` is subtracted as a baseline and the sum divided by ``N_valid − 1``: for i.i.d.
+directions ``E[Σ_n (v_n − v̄)(u_ni² − 1)] = (N − 1) E[v (u_i² − 1)]`` (the cross terms
+``E[v_m (u_ni² − 1)]``, m ≠ n, vanish since E[u_ni² − 1] = 0), so
+
+    ĉ_i = Σ_n (v_n − v̄)(u_ni² − 1) / (N_valid − 1)
+
+is unbiased. It is accumulated per chunk as ``Σ_n v_n (u_ni² − 1)`` (scaled by the chunk's
+power of two, like the values) and ``Σ_n (u_ni² − 1)``, so chunking changes it only by float
+rounding. With fewer than two finite samples it is NaN (undefined). With ``orthogonal=True``
+(or a noise table) the directions of a block are dependent and the baseline's cross terms no
+longer vanish: each term ``v_n (u_ni² − 1)`` is still unbiased, the centred estimate is off by
+O(1/d) relative. ``method="first_order"`` does not offer it (``ValueError``).
+
 Checks (at trace time): every parameter leaf must be a real floating array (a
 ``TypeError`` naming the leaf otherwise), the tree must have an entry, and ``fun`` must
 return a real scalar (checked once with ``jax.eval_shape``).
@@ -97,12 +120,16 @@ class SmoothedEstimate(NamedTuple):
       grad: the estimate of ∇f_Σ(x), a pytree with the dtypes of the parameters.
       num_evaluations: function (first-order: gradient) evaluations spent.
       num_nonfinite: samples left out because a value or gradient was not finite.
+      curvature: with ``curvature=True``, the estimate of ``diag(Σᵀ ∇²f_Σ(x) Σ)`` (see the
+        module doc), a pytree shaped like the parameters in their dtypes, NaN where fewer than
+        two samples were finite; ``None`` otherwise.
     """
 
     value: jax.Array
     grad: PyTree
     num_evaluations: jax.Array
     num_nonfinite: jax.Array
+    curvature: PyTree = None
 
 
 def evaluations_per_estimate(method: str, num_samples: int) -> int:
@@ -180,6 +207,8 @@ class _Sums(NamedTuple):
 
     ``vector``: ``Σ w_n u_n`` (zero-order) or ``Σ ∇f(x + Σu_n)`` (first-order);
     ``value``: ``Σ f(x + Σu_n)``; both over the finite samples, ``num_valid`` of them.
+    With curvature (else ``None``): ``curvature``, ``Σ v_n (u_n² − 1)`` (flat, scaled by
+    ``2**-value_exponent`` like ``value``), and ``centering``, ``Σ (u_n² − 1)`` (unscaled).
     """
 
     vector: PyTree
@@ -187,6 +216,8 @@ class _Sums(NamedTuple):
     value: jax.Array
     value_exponent: jax.Array
     num_valid: jax.Array
+    curvature: jax.Array | None = None
+    centering: jax.Array | None = None
 
 
 def _merge(a: _Sums, b: _Sums) -> _Sums:
@@ -204,7 +235,21 @@ def _merge(a: _Sums, b: _Sums) -> _Sums:
     value = _scale_by_pow2(a.value, a.value_exponent - value_exponent) + _scale_by_pow2(
         b.value, b.value_exponent - value_exponent
     )
-    return _Sums(vector, vector_exponent, value, value_exponent, a.num_valid + b.num_valid)
+    curvature = centering = None
+    if a.curvature is not None:
+        curvature = _scale_by_pow2(a.curvature, a.value_exponent - value_exponent) + _scale_by_pow2(
+            b.curvature, b.value_exponent - value_exponent
+        )
+        centering = a.centering + b.centering
+    return _Sums(
+        vector,
+        vector_exponent,
+        value,
+        value_exponent,
+        a.num_valid + b.num_valid,
+        curvature,
+        centering,
+    )
 
 
 def _empty(shapes: _Sums) -> _Sums:
@@ -219,7 +264,9 @@ def _largest(x: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(valid, jnp.abs(x), 0), initial=0)
 
 
-def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value, value_dtype):
+def _chunk_sums(
+    fun, params, matrix, flat_directions, method: str, base_value, value_dtype, curvature=False
+):
     """The :class:`_Sums` of one chunk. ``flat_directions`` is ``(chunk, d)``, a direction a row.
 
     Each chunk is scaled by ``2**-e``, ``e`` the exponent of its largest finite |value|
@@ -285,8 +332,20 @@ def _chunk_sums(fun, params, matrix, flat_directions, method: str, base_value, v
         vector = tree_unflatten_vector(total, params)
         vector_exponent = value_exponent = exponent
     value_sum = jnp.sum(jnp.where(valid, values, 0.0))
+    curvature_sum = centering = None
+    if curvature:  # Σ v_n (u_n² − 1) and Σ (u_n² − 1) over the valid rows (module doc)
+        second = jnp.where(valid[:, None], flat_directions * flat_directions - 1.0, 0.0)
+        scaled_values = jnp.where(valid, values, 0.0).astype(flat_directions.dtype)
+        curvature_sum = jnp.sum(scaled_values[:, None] * second, axis=0)
+        centering = jnp.sum(second, axis=0)
     return _Sums(
-        vector, vector_exponent, value_sum, value_exponent, jnp.sum(valid, dtype=jnp.int32)
+        vector,
+        vector_exponent,
+        value_sum,
+        value_exponent,
+        jnp.sum(valid, dtype=jnp.int32),
+        curvature_sum,
+        centering,
     )
 
 
@@ -321,6 +380,7 @@ def smoothed_value_and_grad(
     chunk_size: int | None = None,
     sample_sharding: jax.sharding.Sharding | None = None,
     noise_table: jax.Array | None = None,
+    curvature: bool = False,
 ) -> SmoothedEstimate:
     """Estimate ``f_Σ(params)`` and ``∇f_Σ(params)`` by Monte Carlo (see the module doc).
 
@@ -354,6 +414,11 @@ def smoothed_value_and_grad(
         statistical price: given the table, E[u uᵀ] is the table's lagged second moment,
         not I (bias O(1/√L) for a table of L numbers), and slices closer than d overlap;
         see :func:`~agsopt.smoothing.directions.sample_directions`.
+      curvature: also estimate ``diag(Σᵀ ∇²f_Σ(x) Σ)`` from the same evaluations by the
+        second-order Stein identity ``E[f(x + Σu)(uuᵀ − I)] = Σᵀ∇²f_Σ(x)Σ`` (module doc), into
+        :attr:`SmoothedEstimate.curvature`: ``Σ_n (v_n − v̄)(u_ni² − 1)/(N_valid − 1)``, NaN
+        if fewer than two samples are finite. Zero-order methods only (``ValueError`` for
+        ``"first_order"``). ``False`` (default) traces exactly the program without it.
 
     Returns:
       A :class:`SmoothedEstimate`. Its ``grad`` is non-finite only if ∇f_Σ is out of the
@@ -370,6 +435,7 @@ def smoothed_value_and_grad(
         chunk_size=chunk_size,
         sample_sharding=sample_sharding,
         noise_table=noise_table,
+        curvature=curvature,
         owner="agsopt.smoothed_value_and_grad",
         fun_name="fun",
     )
@@ -398,11 +464,18 @@ def estimate(
     owner: str,
     fun_name: str,
     noise_table: jax.Array | None = None,
+    curvature: bool = False,
 ) -> SmoothedEstimate:
     """:func:`smoothed_value_and_grad`, with the caller's names in its error messages."""
     num_samples = validation.check_int("num_samples", num_samples, minimum=1)
     validation.check_choice("method", method, METHODS)
     orthogonal = validation.check_bool("orthogonal", orthogonal)
+    curvature = validation.check_bool("curvature", curvature)
+    if curvature and method == "first_order":
+        raise ValueError(
+            f"{owner}: curvature=True needs a zero-order method (antithetic, forward, plain): "
+            "the curvature is estimated from function values, not from method='first_order'"
+        )
     check_inputs(fun, params, owner=owner, fun_name=fun_name)
     dim = tree_size(params)
     if noise_table is not None:
@@ -445,7 +518,9 @@ def estimate(
 
         def sums_of_rows(offset, size):
             rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
-            return _chunk_sums(fun, params, matrix, rows, method, base_value, value_dtype)
+            return _chunk_sums(
+                fun, params, matrix, rows, method, base_value, value_dtype, curvature
+            )
 
         return _sum_in_pieces(sums_of_rows, count, piece or count)
 
@@ -467,11 +542,25 @@ def estimate(
     value = jnp.where(num_valid > 0, value, jnp.nan)
     if base_value is not None:  # the baseline failing invalidates every sample
         value = jnp.where(jnp.isfinite(base_value), value, jnp.nan)
+    diagonal = None
+    if curvature:
+        # Σ_n (v_n − v̄)(u_n² − 1) = Σ_n v_n (u_n² − 1) − v̄ Σ_n (u_n² − 1), at the values' scale.
+        mean_value = (totals.value / denominator).astype(totals.curvature.dtype)
+        centred = totals.curvature - mean_value * totals.centering
+        centred = centred / jnp.maximum(num_valid - 1, 1).astype(centred.dtype)
+        centred = _scale_by_pow2(centred, totals.value_exponent)
+        if base_value is not None:
+            centred = jnp.where(jnp.isfinite(base_value), centred, jnp.nan)
+        centred = jnp.where(num_valid >= 2, centred, jnp.nan)
+        diagonal = jax.tree.map(
+            lambda c, x: c.astype(x.dtype), tree_unflatten_vector(centred, params), params
+        )
     return SmoothedEstimate(
         value=value,
         grad=grad,
         num_evaluations=jnp.int32(evaluations_per_estimate(method, num_samples)),
         num_nonfinite=jnp.int32(num_samples) - num_valid,
+        curvature=diagonal,
     )
 
 
