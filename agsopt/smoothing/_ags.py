@@ -139,8 +139,11 @@ def ags(
         update, nothing evaluated, the rule's state kept — and counted in ``num_skipped``.
       num_samples: Monte Carlo directions per step (antithetic pairs count once).
       covariance: ``"adaptive_gradient_aligned"`` (default), ``"gradient_aligned"``,
-        ``"adaptive_diagonal"``, ``"isotropic"`` (IGS), or a
-        :class:`~agsopt.covariance_rules.CovarianceRule`.
+        ``"adaptive_diagonal"``, ``"curvature_diagonal"`` (radii from the measured curvature
+        of f_Σ per coordinate; needs a zero-order ``method`` and ``num_samples ≥ 2``),
+        ``"isotropic"`` (IGS), the ``"scaled_*"`` rules, or a
+        :class:`~agsopt.covariance_rules.CovarianceRule`. A rule with ``needs_curvature``
+        gets the estimator's curvature statistic (same evaluations) in its ``update``.
       key: an int seed or a JAX PRNG key; it lives in the state and is split every step.
       method: ``"antithetic"``, ``"forward"``, ``"plain"`` or ``"first_order"``.
       orthogonal: orthogonal sample directions within blocks (variance reduction).
@@ -176,6 +179,12 @@ def ags(
     if chunk_size is not None:
         validation.check_int("chunk_size", chunk_size, minimum=1)
     rule = get_rule(covariance)
+    if rule.needs_curvature and (method == "first_order" or num_samples < 2):
+        raise ValueError(
+            "agsopt.ags: the covariance rule needs the measured curvature, which needs a "
+            f"zero-order method and num_samples >= 2; got method={method!r}, "
+            f"num_samples={num_samples}"
+        )
     key_data, key_impl = key_for_state(key)
     if noise_table is not None:
         check_noise_table(noise_table, 1, "agsopt.ags")
@@ -216,6 +225,7 @@ def ags(
                 chunk_size=chunk_size,
                 sample_sharding=sample_sharding,
                 noise_table=noise_table,
+                curvature=rule.needs_curvature,
                 owner="agsopt.ags",
                 fun_name="value_fn",
             )
@@ -229,7 +239,10 @@ def ags(
             estimate = jax.lax.cond(sigma_ok, run_estimate, lambda: skipped)
         applied = sigma_ok & (estimate.num_nonfinite < num_samples) & tree_all_finite(estimate.grad)
         grad = jax.tree.map(lambda g: jnp.where(applied, g, jnp.zeros_like(g)), estimate.grad)
-        candidate = rule.update(state.rule_state, estimate.grad)
+        if rule.needs_curvature:  # NaN curvature (< 2 finite samples): state dropped below
+            candidate = rule.update(state.rule_state, estimate.grad, estimate.curvature)
+        else:
+            candidate = rule.update(state.rule_state, estimate.grad)
         rule_ok = tree_all_finite(candidate)
         rule_state = jax.tree.map(
             lambda new, old: jnp.where(applied & rule_ok, new, old).astype(old.dtype),
