@@ -36,6 +36,7 @@ import optax
 import optimistix as optx
 import pytest
 from flax import nnx
+from transformations import REGISTRY, Problem, cases, representatives, select
 
 import agsopt
 
@@ -64,30 +65,51 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def jitted_update(opt, fn=loss):
-    """``jit(opt.update)`` with ``value_fn = fn(·, batch)``: one compilation, cheap steps."""
-    return jax.jit(lambda u, s, p, batch: opt.update(u, s, p, value_fn=lambda q: fn(q, batch)))
+def per_example_for(batch):
+    """The loss per coordinate of ``w`` (AUSAM's examples): ``loss = 3 · mean``."""
+
+    def per_example_loss_fn(p, positions):
+        w, target = p["w"][positions], batch[positions]
+        return 3.0 * ((w - target) ** 2 + jnp.cos(3.0 * w)) + jnp.sum(p["b"] ** 2)
+
+    return per_example_loss_fn
 
 
-TRANSFORMS = {
-    "ags": lambda: agsopt.ags(SIGMA, N, covariance="isotropic", key=5),
-    "sam": lambda: agsopt.sam(0.05),
-    "bsam": lambda: agsopt.bsam(0.05, 0.02),
-    "vsam": lambda: agsopt.vsam(0.05, window=4, var_blocks=2, warmup_steps=1),
+def problem_for(batch, fn=loss):
+    return Problem(lambda p: fn(p, batch), per_example_for(batch), jnp.arange(3))
+
+
+OVERRIDES = {  # file-specific: AGS isotropic (cheap) with N samples; AUSAM on ≥ 3 examples
+    "ags": {"covariance": "isotropic", "num_samples": N, "key": 5},
+    "ausam": {"num_examples": 4, "steps_per_epoch": 1},
 }
+ENTRIES = select(alias=False)  # the aliases are ags chained with a base: tests/test_registry.py
+DEFAULT = representatives()  # one entry per public factory by default, the others when slow
+
+
+def make(entry):
+    return entry.make(**OVERRIDES.get(entry.name, {}))
+
+
+def jitted_update(entry, opt, fn=loss):
+    """``jit`` of ``entry.update`` on ``problem_for(batch, fn)``: one compilation, cheap steps."""
+    return jax.jit(lambda u, s, p, batch: entry.update(opt, u, s, p, problem_for(batch, fn)))
+
+
+AGS = REGISTRY["ags"]
 
 
 # --------------------------------------------------------------------------- optax.chain
 
 
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_chain_passes_value_fn_through_nested_chains(name):
+@pytest.mark.parametrize("entry", cases(ENTRIES, default=DEFAULT))
+def test_chain_passes_extra_args_through_nested_chains(entry):
     """``chain(chain(t), clip, adam)`` equals ``t`` then clip then adam by hand."""
     tail = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1))
-    opt = optax.chain(optax.chain(TRANSFORMS[name]()), tail)
-    inner = TRANSFORMS[name]()
+    opt = optax.chain(optax.chain(make(entry)), tail)
+    inner = make(entry)
     state, inner_state, tail_state = opt.init(PARAMS), inner.init(PARAMS), tail.init(PARAMS)
-    opt_update, inner_update = jitted_update(opt), jitted_update(inner)
+    opt_update, inner_update = jitted_update(entry, opt), jitted_update(entry, inner)
     params = PARAMS
     for batch in BATCHES:
         grads = jax.grad(loss)(params, batch)
@@ -101,54 +123,65 @@ def test_chain_passes_value_fn_through_nested_chains(name):
 # --------------------------------------------------------------------------- inject_hyperparams
 
 
+@pytest.mark.parametrize("entry", cases(ENTRIES, default=DEFAULT))
+def test_inject_hyperparams_gives_the_same_steps(entry):
+    """``inject_hyperparams(factory, static_args)(**kwargs)`` steps as ``factory(**kwargs)``."""
+    kwargs = {**entry.kwargs, **OVERRIDES.get(entry.name, {})}
+    injected = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**kwargs)
+    direct = entry.factory(**kwargs)
+    state, direct_state, params = injected.init(PARAMS), direct.init(PARAMS), PARAMS
+    injected_update, direct_update = jitted_update(entry, injected), jitted_update(entry, direct)
+    for batch in BATCHES[:2]:
+        updates, state = injected_update(None, state, params, batch)
+        expected, direct_state = direct_update(None, direct_state, params, batch)
+        assert_trees_close(updates, expected, rtol=1e-5, atol=1e-6)
+        assert_trees_close(state.inner_state, direct_state, rtol=1e-5, atol=1e-6)
+        params = optax.apply_updates(params, updates)
+
+
 def test_inject_hyperparams_sigma_change_takes_effect():
-    opt = optax.inject_hyperparams(agsopt.ags, static_args=("num_samples",))(
-        sigma=SIGMA, num_samples=N, key=5
+    opt = optax.inject_hyperparams(agsopt.ags, static_args=AGS.static_args)(
+        **{**AGS.kwargs, **OVERRIDES["ags"]}
     )
+    problem = problem_for(BATCHES[0])
     state = opt.init(PARAMS)
-    updates, state = opt.update(PARAMS, state, PARAMS, value_fn=loss)
-    reference = agsopt.ags(SIGMA, N, key=5)
-    expected, _ = reference.update(PARAMS, reference.init(PARAMS), PARAMS, value_fn=loss)
+    updates, state = AGS.update(opt, PARAMS, state, PARAMS, problem)
+    reference = make(AGS)
+    expected, _ = AGS.update(reference, PARAMS, reference.init(PARAMS), PARAMS, problem)
     assert_trees_equal(updates, expected)
 
     state.hyperparams["sigma"] = jnp.asarray(1.5)  # mid-run change
     inner_before = state.inner_state
-    updates, state = opt.update(PARAMS, state, PARAMS, value_fn=loss)
-    new, _ = agsopt.ags(1.5, N).update(PARAMS, inner_before, PARAMS, value_fn=loss)
-    old, _ = agsopt.ags(SIGMA, N).update(PARAMS, inner_before, PARAMS, value_fn=loss)
+    updates, state = AGS.update(opt, PARAMS, state, PARAMS, problem)
+    changed = AGS.make(**{**OVERRIDES["ags"], "sigma": 1.5})
+    new, _ = AGS.update(changed, PARAMS, inner_before, PARAMS, problem)
+    old, _ = AGS.update(make(AGS), PARAMS, inner_before, PARAMS, problem)
     assert_trees_close(updates, new)
     assert not np.allclose(np.asarray(updates["w"]), np.asarray(old["w"]))
 
 
-VSAM_STATIC = {  # the static_args vsam's docstring lists
-    "window": 4,
-    "var_blocks": 2,
-    "last_layer": 10,
-    "warmup_steps": 2,
-    "reuse_steps": 6,
-    "key": 0,
-}
-RHO_CASES = {  # factory(**hyperparameters), the hyperparameter changed, the other ones
-    "sam-rho": (agsopt.sam, {}, "rho", {}),
-    "bsam-rho_max": (agsopt.bsam, {}, "rho_max", {"rho_min": 0.02}),
-    "vsam-rho": (agsopt.vsam, VSAM_STATIC, "rho", {}),
+RHO_CASES = {  # registry entry, the hyperparameter changed, overrides
+    "sam-rho": ("sam", "rho", {}),
+    "bsam-rho_max": ("bsam", "rho_max", {}),
+    "vsam-rho": ("vsam", "rho", {"warmup_steps": 2}),  # both steps SAM steps
 }
 
 
 @pytest.mark.parametrize("case", sorted(RHO_CASES))
 def test_inject_hyperparams_rho_change_takes_effect(case):
-    factory, static, name, others = RHO_CASES[case]
-    opt = optax.inject_hyperparams(factory, static_args=tuple(static))(
-        **{name: 0.05}, **others, **static
-    )
+    name, hyperparameter, overrides = RHO_CASES[case]
+    entry = REGISTRY[name]
+    kwargs = {**entry.kwargs, **overrides, hyperparameter: 0.05}
+    opt = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(**kwargs)
+    problem = problem_for(BATCHES[0])
     state = opt.init(PARAMS)
     grads = jax.grad(loss)(PARAMS)
-    first, state = opt.update(grads, state, PARAMS, value_fn=loss)
-    state.hyperparams[name] = jnp.asarray(0.5)  # mid-run change
+    first, state = entry.update(opt, grads, state, PARAMS, problem)
+    state.hyperparams[hyperparameter] = jnp.asarray(0.5)  # mid-run change
     inner_before = state.inner_state
-    second, state = opt.update(grads, state, PARAMS, value_fn=loss)
-    direct = factory(**{name: 0.5}, **others, **static)
-    expected, _ = direct.update(grads, inner_before, PARAMS, value_fn=loss)
+    second, state = entry.update(opt, grads, state, PARAMS, problem)
+    direct = entry.factory(**{**kwargs, hyperparameter: 0.5})
+    expected, _ = entry.update(direct, grads, inner_before, PARAMS, problem)
     assert_trees_close(second, expected)
     # the same gradient, only ρ changed: the perturbed gradient moved
     assert not np.allclose(np.asarray(first["w"]), np.asarray(second["w"]))
@@ -195,8 +228,8 @@ def _counting_loss(counter):
 def test_multisteps_runs_the_inner_estimator_every_micro_step():
     k, counter = len(BATCHES), []
     counted = _counting_loss(counter)
-    opt = optax.MultiSteps(optax.chain(TRANSFORMS["ags"](), optax.sgd(1.0)), k)
-    state, update = opt.init(PARAMS), jitted_update(opt, counted)
+    opt = optax.MultiSteps(optax.chain(make(AGS), optax.sgd(1.0)), k)
+    state, update = opt.init(PARAMS), jitted_update(AGS, opt, counted)
     for batch in BATCHES:
         updates, state = update(optax.tree.zeros_like(PARAMS), state, PARAMS, batch)
     smoothing = state.inner_opt_state[0]
@@ -205,8 +238,8 @@ def test_multisteps_runs_the_inner_estimator_every_micro_step():
     assert int(smoothing.num_evaluations) == 2 * N  # ... but only the emitting one is kept
     assert int(smoothing.count) == 1
     # the emitted update is the estimate of the last micro-batch alone (same key each time)
-    alone = TRANSFORMS["ags"]()
-    last, _ = jitted_update(alone)(PARAMS, alone.init(PARAMS), PARAMS, BATCHES[-1])
+    alone = make(AGS)
+    last, _ = jitted_update(AGS, alone)(PARAMS, alone.init(PARAMS), PARAMS, BATCHES[-1])
     assert_trees_close(updates, jax.tree.map(jnp.negative, last))
 
 
@@ -214,10 +247,10 @@ def test_estimator_before_multisteps_averages_micro_batches():
     k, counter = len(BATCHES), []
     counted = _counting_loss(counter)
     accumulate = optax.MultiSteps(optax.sgd(1.0), k).gradient_transformation()
-    opt = optax.chain(TRANSFORMS["ags"](), accumulate)
-    state, update = opt.init(PARAMS), jitted_update(opt, counted)
-    alone = TRANSFORMS["ags"]()
-    alone_state, alone_update, estimates = alone.init(PARAMS), jitted_update(alone), []
+    opt = optax.chain(make(AGS), accumulate)
+    state, update = opt.init(PARAMS), jitted_update(AGS, opt, counted)
+    alone = make(AGS)
+    alone_state, alone_update, estimates = alone.init(PARAMS), jitted_update(AGS, alone), []
     for i, batch in enumerate(BATCHES):
         updates, state = update(PARAMS, state, PARAMS, batch)
         if i < k - 1:
@@ -347,29 +380,36 @@ class Tiny(nnx.Module):
 X, Y = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), jnp.ones((4, 2))
 
 
-@pytest.mark.parametrize("name", ["ags", "sam", "bsam"])
-def test_nnx_optimizer_passes_value_fn_through(name):
+NNX_DEFAULT = [AGS, REGISTRY["sam"], REGISTRY["bsam"]]  # the others (eager, slower) when slow
+
+
+@pytest.mark.parametrize("entry", cases(ENTRIES, default=NNX_DEFAULT))
+def test_nnx_optimizer_passes_extra_args_through(entry):
     model = Tiny(nnx.Rngs(0))
     graphdef, _ = nnx.split(model, nnx.Param)
-    tx = optax.chain(TRANSFORMS[name](), optax.sgd(0.1))
+    tx = optax.chain(make(entry), optax.sgd(0.1))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     def model_loss(m):
         return jnp.mean((m(X) - Y) ** 2)
 
-    def value_fn(p):  # p: the nnx.State of the parameters, as tx.update receives it
-        return jnp.mean((nnx.merge(graphdef, p)(X) - Y) ** 2)
+    def per_example_loss_fn(p, positions):  # p: the nnx.State of the parameters
+        return jnp.mean((nnx.merge(graphdef, p)(X[positions]) - Y[positions]) ** 2, axis=-1)
 
+    def value_fn(p):
+        return jnp.mean(per_example_loss_fn(p, jnp.arange(4)))
+
+    problem = Problem(value_fn, per_example_loss_fn, jnp.arange(4))
     params = jax.tree.map(jnp.array, nnx.as_pure(nnx.state(model, nnx.Param)))  # a copy
     opt_state = tx.init(params)
     for _ in range(2):
         grads = nnx.grad(model_loss)(model)
-        optimizer.update(model, grads, value_fn=value_fn)
+        optimizer.update(model, grads, **entry.extra_args(problem))
         pure_grads = jax.grad(value_fn)(params)
-        updates, opt_state = tx.update(pure_grads, opt_state, params, value_fn=value_fn)
+        updates, opt_state = entry.update(tx, pure_grads, opt_state, params, problem)
         params = optax.apply_updates(params, updates)
     assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), params, rtol=1e-5, atol=1e-6)
-    if name == "ags":
+    if entry is AGS:
         assert int(nnx.as_pure(optimizer.opt_state)[0].num_evaluations) == 2 * 2 * N
 
 
@@ -399,23 +439,27 @@ def quadratic(y, args):
     return jnp.sum((y["w"] - 1.0) ** 2) + jnp.sum(y["b"] ** 2)
 
 
-def _optax_loop(opt, steps):
+def _optax_loop(entry, opt, steps):
     y, state = PARAMS, opt.init(PARAMS)
     for _ in range(steps):
         grads = jax.grad(quadratic)(y, None)
-        updates, state = opt.update(grads, state, y, value_fn=lambda p: quadratic(p, None))
+        problem = Problem(lambda p: quadratic(p, None))
+        updates, state = entry.update(opt, grads, state, y, problem)
         y = eqx.apply_updates(y, updates)
     return y
 
 
-@pytest.mark.parametrize("name", ["ags", "sam"])
-def test_optimistix_optax_minimiser_passes_value_fn(name):
+VALUE_FN_ENTRIES = select(alias=False, uses_value_fn=True)  # what OptaxMinimiser passes
+
+
+@pytest.mark.parametrize("entry", cases(VALUE_FN_ENTRIES, default=[AGS, REGISTRY["sam"]]))
+def test_optimistix_optax_minimiser_passes_value_fn(entry):
     steps = 10
-    make = lambda: optax.chain(TRANSFORMS[name](), optax.sgd(0.1))
-    solver = optx.OptaxMinimiser(make(), rtol=0.0, atol=0.0)  # run all max_steps
+    chained = lambda: optax.chain(make(entry), optax.sgd(0.1))
+    solver = optx.OptaxMinimiser(chained(), rtol=0.0, atol=0.0)  # run all max_steps
     solution = optx.minimise(quadratic, solver, PARAMS, max_steps=steps, throw=False)
     assert int(solution.stats["num_steps"]) == steps
-    assert_trees_close(solution.value, _optax_loop(make(), steps), rtol=1e-5, atol=1e-6)
+    assert_trees_close(solution.value, _optax_loop(entry, chained(), steps), rtol=1e-5, atol=1e-6)
 
 
 def test_optimistix_black_box_needs_stop_gradient():

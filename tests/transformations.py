@@ -69,7 +69,8 @@ class Entry:
     ``random``: its state holds a PRNG key. ``axis_name``: it takes ``axis_name`` (m-sharpness
     under ``shard_map``). ``alias``: a public ``optax.chain(ags(...), base)`` alias.
     ``final_updates``: ``update`` returns final updates (a base optimizer inside), not a
-    gradient to chain in front of one.
+    gradient to chain in front of one. ``static_args``: what ``optax.inject_hyperparams``
+    must be told is static (the integer arguments, as the factory's docstring lists them).
     """
 
     name: str
@@ -81,6 +82,7 @@ class Entry:
     alias: bool = False
     final_updates: bool = False
     core: bool = False
+    static_args: tuple[str, ...] = ()
 
     @property
     def factory_name(self) -> str:
@@ -132,7 +134,8 @@ class Entry:
 
 def _ags(name: str, *, core: bool = False, **kwargs: Any) -> Entry:
     kwargs = {"sigma": 0.3, "num_samples": 8, **kwargs}
-    return Entry(name, agsopt.ags, kwargs, ZERO_ORDER, random=True, core=core)
+    static = ("num_samples", "key", "chunk_size")
+    return Entry(name, agsopt.ags, kwargs, ZERO_ORDER, random=True, core=core, static_args=static)
 
 
 def _alias(factory: Callable[..., Any], key: int) -> Entry:
@@ -206,6 +209,16 @@ _ENTRIES = (
         random=True,
         axis_name=True,
         core=True,
+        static_args=(
+            "steps_per_epoch",
+            "warmup_epochs",
+            "warmup_steps",
+            "window",
+            "var_blocks",
+            "last_layer",
+            "reuse_steps",
+            "key",
+        ),
     ),
     Entry(
         "ausam",
@@ -215,6 +228,14 @@ _ENTRIES = (
         random=True,
         axis_name=True,
         core=True,
+        static_args=(
+            "num_examples",
+            "steps_per_epoch",
+            "alpha",
+            "trans_epoch",
+            "full_batch_epochs",
+            "key",
+        ),
     ),
 )
 
@@ -227,11 +248,23 @@ def select(**flags: Any) -> list[Entry]:
     return [e for e in _ENTRIES if all(getattr(e, k) == v for k, v in flags.items())]
 
 
-def cases(entries: list[Entry], *, slow_unless_core: bool = True) -> list[Any]:
-    """A ``pytest.param`` per entry, with its name as id; the non-core ones marked slow."""
+def representatives(entries: list[Entry] | None = None) -> list[Entry]:
+    """The first core entry of each public factory among ``entries`` (all by default)."""
+    entries = select(alias=False) if entries is None else entries
+    firsts: dict[str, Entry] = {}
+    for entry in sorted(entries, key=lambda e: not e.core):
+        firsts.setdefault(entry.factory_name, entry)
+    return [e for e in entries if firsts[e.factory_name] is e]
+
+
+def cases(entries: list[Entry], *, default: list[Entry] | None = None) -> list[Any]:
+    """A ``pytest.param`` per entry, with its name as id; those not in ``default`` (the
+    core entries when ``None``) marked slow."""
     return [
         pytest.param(
-            e, id=e.name, marks=pytest.mark.slow if slow_unless_core and not e.core else ()
+            e,
+            id=e.name,
+            marks=() if (e.core if default is None else e in default) else pytest.mark.slow,
         )
         for e in entries
     ]
