@@ -32,8 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformations import Problem, select
 
+ROOT = Path(__file__).resolve().parents[1]
 NUM_DEVICES = 8
+# the SAM family under shard_map: every entry that takes axis_name and reads the gradient;
+# sam and bsam by default, the others in the extended (slow) run
+SAM_FAMILY = [e.name for e in select(alias=False, axis_name=True, needs_grads=True)]
+SAM_DEFAULT = ["sam", "bsam"]
+SAM_OVERRIDES = {  # vSAM: warm-up (all SAM) steps only
+    "sam": {"rho": 0.1},
+    "bsam": {"rho_max": 0.1, "rho_min": 0.05},
+    "vsam": {"rho": 0.1, "window": 4, "var_blocks": 2, "warmup_steps": 4},
+}
 TOLERANCE = 2e-5  # max |sharded − single| / max(1, max |single|), float32 summation order
 
 
@@ -44,7 +55,9 @@ def _device_env(num_devices: int) -> dict[str, str]:
         if not f.startswith("--xla_force_host_platform_device_count")
     ]
     flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    # the checkout under test first, whatever agsopt is installed
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
 
 
 # --------------------------------------------------------------------------- the worker
@@ -78,8 +91,8 @@ def _ags_checks(out: dict, extended: bool) -> None:
     import optax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
+    from transformations import REGISTRY
 
-    import agsopt
     from agsopt import covariance
     from agsopt.estimator import smoothed_value_and_grad
 
@@ -91,15 +104,17 @@ def _ags_checks(out: dict, extended: bool) -> None:
     def fun(p):
         return jnp.sum(jnp.sin(3.0 * p["w"])) + jnp.sum(p["b"][0] ** 4)
 
-    # a jitted training step (antithetic, gradient-aligned Σ), parameters replicated
+    # a jitted training step (antithetic, the default Σ rule), parameters replicated
+    entry = REGISTRY["ags"]
+
     def train(sharded: bool, steps: int = 3):
         opt = optax.chain(
-            agsopt.ags(0.3, 16, key=3, sample_sharding=sharding if sharded else None),
+            entry.make(num_samples=16, key=3, sample_sharding=sharding if sharded else None),
             optax.sgd(0.05, momentum=0.9),
         )
 
         def step(p, s):
-            u, s = opt.update(p, s, p, value_fn=fun)
+            u, s = entry.update(opt, p, s, p, Problem(fun))
             return optax.apply_updates(p, u), s
 
         p = jax.device_put(params, replicated) if sharded else params
@@ -162,8 +177,7 @@ def _sam_family_checks(out: dict, extended: bool) -> None:
     import optax
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
-
-    import agsopt
+    from transformations import REGISTRY
 
     mesh = Mesh(np.array(jax.devices()), ("b",))
     rng = np.random.default_rng(0)
@@ -183,28 +197,28 @@ def _sam_family_checks(out: dict, extended: bool) -> None:
         return jnp.mean(per_example(p, x, y))
 
     shards = [(x_all[i * 8 : (i + 1) * 8], y_all[i * 8 : (i + 1) * 8]) for i in range(NUM_DEVICES)]
-    makers = {
-        "sam": lambda axis: agsopt.sam(0.1, axis_name=axis),
-        "bsam": lambda axis: agsopt.bsam(0.1, 0.05, axis_name=axis),
-    }
-    if extended:
-        makers["asam"] = lambda axis: agsopt.sam(0.5, adaptive=True, axis_name=axis)
-        makers["vsam (warm-up)"] = lambda axis: agsopt.vsam(
-            0.1, window=4, var_blocks=2, warmup_steps=4, axis_name=axis
-        )
+    names = SAM_FAMILY if extended else SAM_DEFAULT
+    entries = {name: REGISTRY[name] for name in names}
+
+    def problem(x, y):
+        return Problem(lambda q: loss(q, x, y))
+
     steps, lr = 2, 0.1
     results = {}
-    for name, make in makers.items():
+    for name, entry in entries.items():
+        overrides = SAM_OVERRIDES.get(name, {})
         for variant in ("pcast", "check_vma=False", "without pcast"):
             if variant != "pcast" and name != "sam":
                 continue
             # the whole training step runs per shard: gradient, m-sharpness, SGD, apply
-            sharded_opt = optax.chain(make("b"), optax.sgd(lr, momentum=0.9))
+            sharded_opt = optax.chain(
+                entry.make(**overrides, axis_name="b"), optax.sgd(lr, momentum=0.9)
+            )
             cast = variant == "pcast"
 
-            def train_step(p, s, x, y, opt=sharded_opt, cast=cast):
+            def train_step(p, s, x, y, opt=sharded_opt, cast=cast, entry=entry):
                 g = jax.grad(loss)(_local(p, "b") if cast else p, x, y)
-                u, s = opt.update(g, s, p, value_fn=lambda q: loss(q, x, y))
+                u, s = entry.update(opt, g, s, p, problem(x, y))
                 return optax.apply_updates(p, u), s
 
             mapped = jax.jit(
@@ -218,11 +232,9 @@ def _sam_family_checks(out: dict, extended: bool) -> None:
             )
             # reference: each shard's single-device update, averaged explicitly, then SGD
             base = optax.sgd(lr, momentum=0.9)
-            single_opt = make(None)
+            single_opt = entry.make(**overrides)
             single_update = jax.jit(
-                lambda g, s, p, x, y, o=single_opt: o.update(
-                    g, s, p, value_fn=lambda q: loss(q, x, y)
-                )
+                lambda g, s, p, x, y, o=single_opt, e=entry: e.update(o, g, s, p, problem(x, y))
             )
             p_sharded, s_sharded = params, sharded_opt.init(params)
             p_ref, b_ref = params, base.init(params)
@@ -238,13 +250,13 @@ def _sam_family_checks(out: dict, extended: bool) -> None:
                 r, b_ref = base.update(mean, b_ref, p_ref)
                 p_ref = optax.apply_updates(p_ref, r)
                 gaps.append(_gap(p_sharded, p_ref))
-            entry = {"params_gap": max(gaps)}
-            if name.startswith("vsam"):
+            record = {"params_gap": max(gaps)}
+            if entry.factory_name == "vsam":
                 psf_mean = jax.tree.map(lambda *t: sum(t) / len(t), *[s.psf for s in s_ref])
-                entry["psf_gap"] = _gap(s_sharded[0].psf, psf_mean)
-                entry["num_sam_steps"] = int(s_sharded[0].num_sam_steps)
+                record["psf_gap"] = _gap(s_sharded[0].psf, psf_mean)
+                record["num_sam_steps"] = int(s_sharded[0].num_sam_steps)
             key = name if variant == "pcast" else f"{name} {variant}"
-            results[key] = entry
+            results[key] = record
     out["sam_family"] = results
     if extended:
         _ausam_check(out, mesh, params, per_example, x_all, y_all, shards)
@@ -254,21 +266,24 @@ def _ausam_check(out, mesh, params, per_example, x_all, y_all, shards) -> None:
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
-
-    from agsopt.sharpness import ausam
+    from transformations import REGISTRY
 
     # AUSAM, first (full-batch) epoch, check_vma=False
     num_examples = x_all.shape[0]
     ids_all = jnp.arange(num_examples, dtype=jnp.int32)
+    entry = REGISTRY["ausam"]
 
     def ausam_opt(axis):
-        return ausam(num_examples, 0.1, steps_per_epoch=4, alpha=0.5, axis_name=axis)
+        overrides = {"num_examples": num_examples, "rho": 0.1, "steps_per_epoch": 4}
+        return entry.make(**overrides, alpha=0.5, axis_name=axis)
 
     def ausam_step(p, s, x, y, ids, opt):
-        def per_example_loss_fn(q, positions):
-            return per_example(q, x[positions], y[positions])
-
-        return opt.update(None, s, p, per_example_loss_fn=per_example_loss_fn, ids=ids)
+        problem = Problem(
+            value_fn=lambda q: jnp.mean(per_example(q, x, y)),
+            per_example_loss_fn=lambda q, positions: per_example(q, x[positions], y[positions]),
+            ids=ids,
+        )
+        return entry.update(opt, None, s, p, problem)
 
     sharded_opt = ausam_opt("b")
     mapped = jax.jit(
@@ -382,7 +397,7 @@ def test_sam_gradient_of_replicated_params_is_summed_under_vma(results):
 @pytest.mark.slow
 def test_extended_multidevice_checks(extended_results):
     _check_estimates(extended_results["ags_estimator"])
-    for name in ("asam", "vsam (warm-up)"):
+    for name in SAM_FAMILY:
         _check_sam_family(extended_results["sam_family"][name])
     entry = extended_results["ausam"]
     assert entry["update_gap"] <= TOLERANCE, entry
