@@ -171,6 +171,7 @@ _ENTRIES = (
         core=True,
     ),
     _ags("ags scaled_isotropic", covariance="scaled_isotropic", key=5),
+    _ags("ags curvature_diagonal", covariance="curvature_diagonal", key=13),
     _ags(
         "ags scaled_adaptive_gradient_aligned",
         covariance="scaled_adaptive_gradient_aligned",
