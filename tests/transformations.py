@@ -12,11 +12,15 @@ keyword extra arguments it reads. A test states its problem once, as a :class:`P
 transformation or anything that forwards extra arguments to it (``optax.chain`` with it
 first, ``optax.MultiSteps``, ``bsam(base=...)``).
 
-``core`` entries run in every generic test by default; the others (further covariance
-rules, ``step_from="min_point"``) run in the expensive generic tests under ``-m slow`` and
-always in ``tests/test_registry.py``. The ``ags_*``/``igs_*`` aliases are
-``optax.chain(ags(...), base)``: ``tests/test_registry.py`` checks exactly that, and the
-generic tests leave them out (``alias=True``).
+``core`` entries run in every generic test by default, the others (further covariance
+rules and estimator methods, ``step_from="min_point"``) under ``-m slow``; a cheap generic
+test may run every entry by default, an expensive one only :func:`representatives` (one
+per public factory). ``tests/test_registry.py`` steps every entry by default. The
+``ags_*``/``igs_*`` aliases are ``optax.chain(ags(...), base)``: the generic tests leave them
+out (``alias=True``); ``tests/test_registry.py`` checks that they are exactly that.
+
+A file may select entries by flag, add overrides it needs (a dataset size, a warm-up
+length), chain a base optimizer; it does not call ``update`` any other way.
 """
 
 from __future__ import annotations
@@ -168,7 +172,6 @@ _ENTRIES = (
         method="plain",
         orthogonal=True,
         key=4,
-        core=True,
     ),
     _ags("ags scaled_isotropic", covariance="scaled_isotropic", key=5),
     _ags("ags curvature_diagonal", covariance="curvature_diagonal", key=13),
