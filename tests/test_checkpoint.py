@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 from flax import serialization
-from transformations import Problem, cases, select
+from transformations import REGISTRY, Problem, cases, select
 
 import agsopt
 from agsopt.sharpness import ausam
@@ -49,6 +49,8 @@ def loss(p, x, y):
 
 BASES = (lambda: optax.sgd(0.05, momentum=0.9), lambda: optax.adam(0.05))
 ENTRIES = select(alias=False)  # the aliases are ags chained with a base: tests/test_registry.py
+# by default the core entries and the gradient-aligned rule's state
+DEFAULT = [e for e in ENTRIES if e.core] + [REGISTRY["ags gradient_aligned plain orthogonal"]]
 
 
 def make(entry):
@@ -108,7 +110,7 @@ def assert_trees_identical(a, b):
         np.testing.assert_array_equal(x, y)  # NaN == NaN here, bit for bit otherwise
 
 
-@pytest.mark.parametrize("entry", cases(ENTRIES))
+@pytest.mark.parametrize("entry", cases(ENTRIES, default=DEFAULT))
 def test_state_round_trips_through_bytes_and_msgpack(entry):
     trajectory, _ = _runs(entry)
     template = make(entry).init(PARAMS)
@@ -121,7 +123,7 @@ def test_state_round_trips_through_bytes_and_msgpack(entry):
         assert_trees_identical(restored, state)
 
 
-@pytest.mark.parametrize("entry", cases(ENTRIES))
+@pytest.mark.parametrize("entry", cases(ENTRIES, default=DEFAULT))
 def test_resumed_run_is_bit_identical(entry):
     trajectory, (params, state) = _runs(entry)
     final_params, final_state = trajectory[-1]
@@ -130,7 +132,7 @@ def test_resumed_run_is_bit_identical(entry):
     assert not np.array_equal(np.asarray(final_params["w"]), np.asarray(PARAMS["w"]))
 
 
-@pytest.mark.parametrize("entry", cases(select(alias=False, random=True)))
+@pytest.mark.parametrize("entry", cases(select(alias=False, random=True), default=DEFAULT))
 def test_states_hold_raw_key_data(entry):
     """Raw ``uint32`` key data, not typed keys (which msgpack cannot store)."""
     _, (_, state) = _runs(entry)
@@ -140,39 +142,48 @@ def test_states_hold_raw_key_data(entry):
         assert not jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key)
 
 
-WRAPPERS = {
-    "ags fixed_diagonal + sgd": lambda: optax.chain(
-        agsopt.ags(
-            0.2,
-            4,
-            covariance=agsopt.covariance_rules.fixed_diagonal(
-                jax.tree.map(lambda x: jnp.full(jnp.shape(x), 0.5), PARAMS)
+WRAPPERS = {  # name: (the registry entry inside, the wrapped optimizer)
+    "ags fixed_diagonal + sgd": (
+        "ags",
+        lambda: optax.chain(
+            REGISTRY["ags"].make(
+                sigma=0.2,
+                num_samples=4,
+                covariance=agsopt.covariance_rules.fixed_diagonal(
+                    jax.tree.map(lambda x: jnp.full(jnp.shape(x), 0.5), PARAMS)
+                ),
             ),
+            optax.sgd(0.1),
         ),
-        optax.sgd(0.1),
     ),
-    "inject_hyperparams(ags)": lambda: optax.inject_hyperparams(
-        agsopt.ags, static_args=("num_samples",)
-    )(sigma=0.2, num_samples=4),
-    "inject_hyperparams(sam)": lambda: optax.inject_hyperparams(agsopt.sam)(rho=0.05),
-    "apply_if_finite(sam)": lambda: optax.apply_if_finite(
-        optax.chain(agsopt.sam(0.05), optax.sgd(0.1)), 3
+    "inject_hyperparams(ags)": (
+        "ags",
+        lambda: optax.inject_hyperparams(agsopt.ags, static_args=REGISTRY["ags"].static_args)(
+            sigma=0.2, num_samples=4
+        ),
     ),
-    "MultiSteps(bsam)": lambda: optax.MultiSteps(
-        optax.chain(agsopt.bsam(0.05), optax.adam(0.1)), 2
+    "inject_hyperparams(sam)": ("sam", lambda: optax.inject_hyperparams(agsopt.sam)(rho=0.05)),
+    "apply_if_finite(sam)": (
+        "sam",
+        lambda: optax.apply_if_finite(optax.chain(REGISTRY["sam"].make(), optax.sgd(0.1)), 3),
+    ),
+    "MultiSteps(bsam)": (
+        "bsam",
+        lambda: optax.MultiSteps(optax.chain(REGISTRY["bsam"].make(), optax.adam(0.1)), 2),
     ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
 def test_more_states_round_trip(name):
-    opt = WRAPPERS[name]()
-    x, y = X[:BATCH], Y[:BATCH]
+    entry_name, wrapped = WRAPPERS[name]
+    entry, opt = REGISTRY[entry_name], wrapped()
     state = opt.init(PARAMS)
-    update = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=lambda q: loss(q, x, y)))
+    ids = jnp.arange(BATCH)
+    update = jax.jit(lambda s, p: entry.update(opt, None, s, p, problem(ids)))
     for _ in range(2):
-        _, state = update(jax.grad(loss)(PARAMS, x, y), state, PARAMS)
-    template = WRAPPERS[name]().init(PARAMS)
+        _, state = update(state, PARAMS)
+    template = wrapped().init(PARAMS)
     assert_trees_identical(serialization.from_bytes(template, serialization.to_bytes(state)), state)
     packed = serialization.msgpack_serialize(serialization.to_state_dict(state))
     restored = serialization.from_state_dict(template, serialization.msgpack_restore(packed))
