@@ -285,10 +285,22 @@ def test_off_traces_the_same_program(method):
 
 
 def test_dtype_follows_parameters_x64():
-    """The curvature comes in each leaf's dtype: float64 leaves in x64 mode."""
+    """The curvature comes in each leaf's accumulation dtype: float64 leaves in x64 mode stay
+    float64, float16/bfloat16 leaves get float32 (the statistic is not rounded to 11 bits
+    before a rule reads it)."""
     with jax.enable_x64(True):
-        params = {"a": jnp.asarray(X0[:3], jnp.float64), "b": jnp.asarray(X0[3:], jnp.float32)}
-        fun = lambda p: jnp.sum(jnp.cos(p["a"])) + jnp.sum(p["b"] ** 2)
+        params = {
+            "a": jnp.asarray(X0[:3], jnp.float64),
+            "b": jnp.asarray(X0[3:], jnp.float32),
+            "h": jnp.asarray(X0[:2], jnp.float16),
+            "bf": jnp.asarray(X0[:2], jnp.bfloat16),
+        }
+        fun = lambda p: (
+            jnp.sum(jnp.cos(p["a"]))
+            + jnp.sum(p["b"] ** 2)
+            + jnp.sum(p["h"].astype(jnp.float32) ** 2)
+            + jnp.sum(p["bf"].astype(jnp.float32) ** 2)
+        )
         est = smoothed_value_and_grad(
             fun,
             params,
@@ -299,3 +311,6 @@ def test_dtype_follows_parameters_x64():
         )
         assert est.curvature["a"].dtype == jnp.float64
         assert est.curvature["b"].dtype == jnp.float32
+        assert est.curvature["h"].dtype == jnp.float32
+        assert est.curvature["bf"].dtype == jnp.float32
+        assert est.grad["h"].dtype == jnp.float16

@@ -121,8 +121,9 @@ class SmoothedEstimate(NamedTuple):
       num_evaluations: function (first-order: gradient) evaluations spent.
       num_nonfinite: samples left out because a value or gradient was not finite.
       curvature: with ``curvature=True``, the estimate of ``diag(Σᵀ ∇²f_Σ(x) Σ)`` (see the
-        module doc), a pytree shaped like the parameters in their dtypes, NaN where fewer than
-        two samples were finite; ``None`` otherwise.
+        module doc), a pytree shaped like the parameters in their accumulation dtypes
+        (float32 for bfloat16/float16 leaves: a statistic for the rule, not an update), NaN
+        where fewer than two samples were finite; ``None`` otherwise.
     """
 
     value: jax.Array
@@ -553,7 +554,9 @@ def estimate(
             centred = jnp.where(jnp.isfinite(base_value), centred, jnp.nan)
         centred = jnp.where(num_valid >= 2, centred, jnp.nan)
         diagonal = jax.tree.map(
-            lambda c, x: c.astype(x.dtype), tree_unflatten_vector(centred, params), params
+            lambda c, x: c.astype(accumulation_dtype(x.dtype)),
+            tree_unflatten_vector(centred, params),
+            params,
         )
     return SmoothedEstimate(
         value=value,
