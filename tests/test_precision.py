@@ -48,8 +48,12 @@ ULPS = 8  # tolerance in units of the leaf dtype's epsilon, relative to the half
 
 
 def params_as(low: bool):
+    """The parameters in bf16/f16, or their float32 copy: the same (rounded) values."""
     return {
-        half: {k: jnp.asarray(v, LOW[half] if low else jnp.float32) for k, v in leaves.items()}
+        half: {
+            k: jnp.asarray(jnp.asarray(v, LOW[half]), LOW[half] if low else jnp.float32)
+            for k, v in leaves.items()
+        }
         for half, leaves in BASE.items()
     }
 
@@ -128,9 +132,8 @@ def _check_dtypes_and_finite(entry, outputs, state, params):
         assert jnp.asarray(stat).dtype == jnp.float32, name
 
 
-KNOWN = {  # (entry, scale): why it does not hold yet (strict: an XPASS fails, remove it then)
-    ("ags curvature_diagonal", "normal"): "third step, f16 half: 11.7 ulps from float32 (bound "
-    "8): Σ from the curvature measured at f16-rounded sample points (reported)",
+KNOWN: dict[tuple[str, str], str] = {
+    # (entry, scale): why it does not hold yet (strict: an XPASS fails, remove it then)
 }
 
 
