@@ -105,7 +105,9 @@ def device_env(num_devices: int = NUM_DEVICES) -> dict[str, str]:
         if not f.startswith("--xla_force_host_platform_device_count")
     ]
     flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    # the checkout under test, whatever an editable install elsewhere points to
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
 
 
 def run_block(block: Block, tmp_path: Path) -> str:

@@ -25,13 +25,13 @@ devices, so the results agree up to the order of float32 summations.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from markdown_blocks import device_env
 from transformations import Problem, select
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,18 +46,6 @@ SAM_OVERRIDES = {  # vSAM: warm-up (all SAM) steps only
     "vsam": {"rho": 0.1, "window": 4, "var_blocks": 2, "warmup_steps": 4},
 }
 TOLERANCE = 2e-5  # max |sharded − single| / max(1, max |single|), float32 summation order
-
-
-def _device_env(num_devices: int) -> dict[str, str]:
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-    # the checkout under test first, whatever agsopt is installed
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
 
 
 # --------------------------------------------------------------------------- the worker
@@ -330,7 +318,7 @@ def _run_worker(out: Path, extended: bool) -> dict:
         command.append("--extended")
     proc = subprocess.run(
         command,
-        env=_device_env(NUM_DEVICES),
+        env=device_env(NUM_DEVICES),
         capture_output=True,
         text=True,
         timeout=900,
