@@ -208,42 +208,30 @@ def test_fewer_than_two_finite_samples_is_nan():
         assert np.all(np.isnan(flat(est.curvature)))
 
 
+def _isotropic_curvature(fun, key: int, num_samples: int, chunk_size: int):
+    """The estimator's curvature for Σ = 0.5 I at ``X0``."""
+    return smoothed_value_and_grad(
+        fun,
+        to_tree(X0),
+        jax.random.key(key),
+        covariance.isotropic(0.5),
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        curvature=True,
+    ).curvature
+
+
 def test_huge_offset_stays_finite():
     """f + 1e30 (float32): the values are scaled by a power of two per chunk, so the sums
     do not overflow (and f + 1e37 over 64 samples neither); the unscaled sum would."""
     for offset in (1e30, 1e37):
         fun = lambda p, o=offset: quadratic(p) * 1e-30 * o + jnp.float32(o)
-        est = smoothed_value_and_grad(
-            fun,
-            to_tree(X0),
-            jax.random.key(8),
-            covariance.isotropic(0.5),
-            num_samples=64,
-            chunk_size=16,
-            curvature=True,
-        )
-        assert np.all(np.isfinite(flat(est.curvature))), offset
+        assert np.all(np.isfinite(flat(_isotropic_curvature(fun, 8, 64, 16)))), offset
     # Scaling is exact: a function scaled by 2^100 gives ĉ scaled by 2^100 (bit for bit
     # up to the float32 range), as the scaled sums promise.
-    base = smoothed_value_and_grad(
-        quadratic,
-        to_tree(X0),
-        jax.random.key(9),
-        covariance.isotropic(0.5),
-        num_samples=32,
-        chunk_size=8,
-        curvature=True,
-    )
-    big = smoothed_value_and_grad(
-        lambda p: quadratic(p) * 2.0**100,
-        to_tree(X0),
-        jax.random.key(9),
-        covariance.isotropic(0.5),
-        num_samples=32,
-        chunk_size=8,
-        curvature=True,
-    )
-    np.testing.assert_array_equal(flat(big.curvature), flat(base.curvature) * 2.0**100)
+    base = _isotropic_curvature(quadratic, 9, 32, 8)
+    big = _isotropic_curvature(lambda p: quadratic(p) * 2.0**100, 9, 32, 8)
+    np.testing.assert_array_equal(flat(big), flat(base) * 2.0**100)
 
 
 def test_first_order_raises_and_default_is_none():

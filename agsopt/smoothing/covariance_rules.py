@@ -357,12 +357,9 @@ def curvature_diagonal(
         h = jax.tree.map(
             lambda c, m, ri: c.astype(m.dtype) / ri**2, curvature, state.mean, ratios(state)
         )
-        ema = lambda old, new: jax.tree.map(
-            lambda m, x: (decay * m + (1.0 - decay) * x).astype(m.dtype), old, new
-        )
         return CurvatureDiagonalState(
-            curvature=ema(state.curvature, jax.tree.map(statistic, h)),
-            mean=ema(state.mean, h),
+            curvature=_ema(state.curvature, jax.tree.map(statistic, h), decay),
+            mean=_ema(state.mean, h, decay),
             count=optax.safe_increment(state.count),
         )
 
