@@ -6,7 +6,10 @@ Two families, each in its own subpackage, every public name re-exported here:
   baseline IGS): the Monte Carlo estimator (:mod:`agsopt.smoothing.estimator`, also
   importable as :mod:`agsopt.estimator`), the smoothing matrices
   (:mod:`agsopt.covariance`), the rules that adapt them (:mod:`agsopt.covariance_rules`),
-  and :func:`ags` with the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``.
+  and :func:`ags` with the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``; for
+  black-box problems, directional smoothing by Gauss–Hermite quadrature
+  (:mod:`agsopt.smoothing.directional`, DGS arXiv:2002.03001) adapted as ASGF does
+  (arXiv:2006.10887): :func:`dgs` and the recipe from a box, :func:`dgs_blackbox`.
 - :mod:`agsopt.sharpness` — the SAM family: :func:`sam` (ASAM with ``adaptive=True``),
   Bilateral SAM :func:`bsam`, and the sampled variants :func:`ausam` and :func:`vsam`.
 
@@ -31,6 +34,7 @@ from agsopt.sharpness import (
 from agsopt.smoothing import (
     AGSState,
     CovarianceRule,
+    DGSState,
     SmoothedEstimate,
     ags,
     ags_adam,
@@ -38,6 +42,9 @@ from agsopt.smoothing import (
     ags_sgd,
     covariance,
     covariance_rules,
+    dgs,
+    dgs_blackbox,
+    directional_value_and_grad,
     estimator,
     igs_adam,
     igs_gd,
@@ -53,6 +60,7 @@ __all__ = [
     "AUSAMState",
     "BSAMState",
     "CovarianceRule",
+    "DGSState",
     "SAMState",
     "SmoothedEstimate",
     "VSAMState",
@@ -67,6 +75,9 @@ __all__ = [
     "bsam_rho_min_schedule",
     "covariance",
     "covariance_rules",
+    "dgs",
+    "dgs_blackbox",
+    "directional_value_and_grad",
     "estimator",
     "fill_masked_params",
     "functions",

@@ -136,7 +136,8 @@ def test_resumed_run_is_bit_identical(entry):
 def test_states_hold_raw_key_data(entry):
     """Raw ``uint32`` key data, not typed keys (which msgpack cannot store)."""
     _, (_, state) = _runs(entry)
-    keys = [s.key for s in state if hasattr(s, "key")]
+    states = (state,) if hasattr(state, "key") else state  # the entry alone or in a chain
+    keys = [s.key for s in states if hasattr(s, "key")]
     assert keys and all(np.asarray(k).dtype == np.uint32 for k in keys)
     for leaf in jax.tree.leaves(state):
         assert not jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key)

@@ -45,6 +45,8 @@ NOT_TRANSFORMATIONS = {
     "sample_directions",
     "mean_over_shards",
     "perturbed_gradient",
+    "directional_value_and_grad",
+    "directional_basis",
 }
 # the building blocks of AUSAM and vSAM exported by agsopt.sharpness (pure functions)
 NOT_TRANSFORMATION_PREFIXES = ("ausam_", "vsam_")

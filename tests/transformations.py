@@ -149,6 +149,16 @@ def _alias(factory: Callable[..., Any], key: int) -> Entry:
     )
 
 
+_DGS_STATIC = (
+    "num_directions",
+    "num_nodes",
+    "anisotropic",
+    "step",
+    "restarts",
+    "key",
+    "chunk_size",
+)
+
 _ENTRIES = (
     # AGS: every registered covariance rule, every method, orthogonal blocks, a σ schedule
     # and a chunk size that leaves a remainder
@@ -186,6 +196,51 @@ _ENTRIES = (
     _alias(agsopt.igs_gd, 10),
     _alias(agsopt.igs_sgd, 11),
     _alias(agsopt.igs_adam, 12),
+    # directional smoothing (black-box): the curvature and Lipschitz steps (final updates),
+    # the gradient form with a block of directions, chunked, anisotropic, and the box recipe
+    Entry(
+        "dgs",
+        agsopt.dgs,
+        {"radius": 0.3, "key": 14},
+        ZERO_ORDER,
+        random=True,
+        final_updates=True,
+        core=True,
+        static_args=_DGS_STATIC,
+    ),
+    Entry(
+        "dgs gradient anisotropic block chunked",
+        agsopt.dgs,
+        {
+            "radius": 0.3,
+            "step": "gradient",
+            "anisotropic": True,
+            "num_directions": 2,
+            "chunk_size": 1,
+            "key": 15,
+        },
+        ZERO_ORDER,
+        random=True,
+        static_args=_DGS_STATIC,
+    ),
+    Entry(
+        "dgs lipschitz",
+        agsopt.dgs,
+        {"radius": 0.3, "step": "lipschitz", "key": 17},
+        ZERO_ORDER,
+        random=True,
+        final_updates=True,
+        static_args=_DGS_STATIC,
+    ),
+    Entry(
+        "dgs_blackbox",
+        agsopt.dgs_blackbox,
+        {"lower": -2.0, "upper": 2.0, "key": 16},
+        ZERO_ORDER,
+        random=True,
+        final_updates=True,
+        static_args=("lower", "upper", *_DGS_STATIC[:3], *_DGS_STATIC[4:]),
+    ),
     # the SAM family
     Entry("sam", agsopt.sam, {"rho": 0.05}, GRADIENT, axis_name=True, core=True),
     Entry("asam", agsopt.sam, {"rho": 0.5, "adaptive": True}, GRADIENT, axis_name=True, core=True),

@@ -3,12 +3,25 @@ and the ``ags`` transformation (AGS, arXiv:2411.11747; IGS is the isotropic case
 
 - :mod:`agsopt.smoothing.estimator`: Monte Carlo estimates of f_Σ and ∇f_Σ (pure functions).
 - :mod:`agsopt.smoothing.directions`: the search directions the estimator draws.
+- :mod:`agsopt.smoothing.directional`: directional Gaussian smoothing by Gauss–Hermite
+  quadrature (DGS, arXiv:2002.03001), with per-direction Lipschitz and curvature estimates.
+- :mod:`agsopt.smoothing.adaptation`: ASGF's radius, learning-rate and restart rules
+  (arXiv:2006.10887) as pure functions.
 - :mod:`agsopt.smoothing.covariance`: smoothing matrices Σ.
 - :mod:`agsopt.smoothing.covariance_rules`: how Σ adapts from step to step.
 - :func:`ags` and the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``.
+- :func:`dgs` (adaptive directional smoothing, black-box) and :func:`dgs_blackbox`, the
+  whole recipe from a box.
 """
 
-from agsopt.smoothing import covariance, covariance_rules, directions, estimator
+from agsopt.smoothing import (
+    adaptation,
+    covariance,
+    covariance_rules,
+    directional,
+    directions,
+    estimator,
+)
 from agsopt.smoothing._ags import (
     DEFAULT_COVARIANCE,
     AGSState,
@@ -20,7 +33,13 @@ from agsopt.smoothing._ags import (
     igs_gd,
     igs_sgd,
 )
+from agsopt.smoothing._dgs import DGSState, dgs, dgs_blackbox
 from agsopt.smoothing.covariance_rules import CovarianceRule
+from agsopt.smoothing.directional import (
+    DirectionalEstimate,
+    directional_basis,
+    directional_value_and_grad,
+)
 from agsopt.smoothing.directions import make_noise_table, sample_directions
 from agsopt.smoothing.estimator import (
     SmoothedEstimate,
@@ -34,14 +53,22 @@ __all__ = [
     "DEFAULT_COVARIANCE",
     "AGSState",
     "CovarianceRule",
+    "DGSState",
+    "DirectionalEstimate",
     "SmoothedEstimate",
     "ags",
     "ags_adam",
     "ags_gd",
     "ags_sgd",
+    "adaptation",
     "covariance",
     "covariance_rules",
     "default_chunk_size",
+    "dgs",
+    "dgs_blackbox",
+    "directional",
+    "directional_basis",
+    "directional_value_and_grad",
     "directions",
     "estimator",
     "evaluations_per_estimate",

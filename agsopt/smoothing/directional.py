@@ -65,6 +65,11 @@ class DirectionalEstimate(NamedTuple):
       derivatives: ``D_i``, shape ``(k,)`` (0 where direction i had a non-finite value).
       curvatures: ``C_i``, shape ``(k,)`` (NaN where direction i had a non-finite value).
       lipschitz: ``L_i``, shape ``(k,)`` (NaN where direction i had a non-finite value).
+      roughness: ``R_i ∈ [0, 1]``, shape ``(k,)``: the part of the node values along ξ_i that
+        a quadratic in t does not explain, ``‖(I − P) g_i‖ / ‖g_i − ḡ_i‖`` (P the
+        least-squares projection onto quadratics at the nodes; 0 for a smooth direction at
+        this scale, near 1 where ripples dominate; 0 for constant values, NaN where
+        direction i had a non-finite value).
       best_value: the smallest finite value among the evaluated points (+inf if none).
       best_params: the point where it was found, a pytree like the parameters.
       num_evaluations: ``k (M − 1) + 1``.
@@ -76,6 +81,7 @@ class DirectionalEstimate(NamedTuple):
     derivatives: jax.Array
     curvatures: jax.Array
     lipschitz: jax.Array
+    roughness: jax.Array
     best_value: jax.Array
     best_params: PyTree
     num_evaluations: jax.Array
@@ -137,6 +143,17 @@ def directional_basis(
 def _flatten(params: PyTree) -> jax.Array:
     leaves = jax.tree.leaves(params)
     return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]) if leaves else jnp.zeros(0)
+
+
+def _roughness(values: jax.Array, nodes: np.ndarray) -> jax.Array:
+    """``‖(I − P) g‖ / ‖g − ḡ‖`` per row, P the projection onto quadratics at the nodes."""
+    vander = np.vander(nodes, 3, increasing=True)
+    residual_map = np.eye(len(nodes)) - vander @ np.linalg.pinv(vander)
+    residual = values @ jnp.asarray(residual_map.T, values.dtype)
+    centred = values - jnp.mean(values, axis=1, keepdims=True)
+    spread = jnp.sqrt(jnp.sum(centred * centred, axis=1))
+    rough = jnp.sqrt(jnp.sum(residual * residual, axis=1))
+    return jnp.where(spread > 0, rough / jnp.where(spread > 0, spread, 1.0), 0.0)
 
 
 def directional_value_and_grad(
@@ -202,7 +219,9 @@ def directional_value_and_grad(
     curvatures = (g_safe @ (w * (2.0 * tau**2 - 1.0))) / (sqrt_pi * radii**2)
     slopes = jnp.abs(jnp.diff(g_safe, axis=1)) / (math.sqrt(2.0) * jnp.diff(tau))
     lipschitz = jnp.max(slopes, axis=1) / radii
+    roughness = _roughness(g_safe, nodes)
     derivatives = jnp.where(valid, derivatives, 0.0)
+    roughness = jnp.where(valid, roughness, jnp.nan)
     nan = jnp.asarray(jnp.nan, dtype)
     curvatures = jnp.where(valid, curvatures, nan)
     lipschitz = jnp.where(valid, lipschitz, nan)
@@ -218,6 +237,7 @@ def directional_value_and_grad(
         derivatives=derivatives,
         curvatures=curvatures,
         lipschitz=lipschitz,
+        roughness=roughness,
         best_value=ranked[best],
         best_params=point(best_shift),
         num_evaluations=jnp.asarray(k * (num_nodes - 1) + 1, jnp.int32),

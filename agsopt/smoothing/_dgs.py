@@ -1,0 +1,386 @@
+"""Adaptive directional Gaussian smoothing as an Optax transformation (black-box).
+
+:func:`dgs` estimates the smoothed gradient with the Gauss–Hermite estimator of
+:mod:`agsopt.smoothing.directional` (DGS, arXiv:2002.03001) along an orthonormal basis whose
+first direction is the last gradient estimate, and adapts it with the pieces of
+:mod:`agsopt.smoothing.adaptation` (ASGF, arXiv:2006.10887): radius thresholds, a learning
+rate from the directional curvature or the local Lipschitz estimate, restarts, best-point
+tracking and a stopping signal.
+:func:`dgs_blackbox` is the whole recipe from the user's box alone.
+
+Radii. The main radius s follows ASGF's threshold rule on the largest smoothness ratio
+``max_i |D_i|/L_i``. With ``anisotropic=True`` the directions across the main one get the
+radius ``a·s``, a ≥ 1 grown where their node values are rough (a quadratic does not explain
+them: ripples, smooth them wider) and shrunk back to 1 where they are smooth
+(:func:`~agsopt.smoothing.adaptation.adapt_factor`), i.e. the gradient-aligned smoothing
+``Σ = a s I + (1 − a) s ξ_1 ξ_1ᵀ`` along this step's basis. Measured on the black-box
+protocol (README, "Black-box benchmark") it does not beat one radius for every direction,
+which is therefore the default (``anisotropic=False``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from agsopt import _validation as validation
+from agsopt.smoothing import adaptation
+from agsopt.smoothing.directional import (
+    _check_num_nodes,
+    _flatten,
+    directional_basis,
+    directional_value_and_grad,
+)
+from agsopt.tree_utils import key_for_state, split_state_key, tree_size, tree_unflatten_vector
+
+__all__ = ["DGSState", "dgs", "dgs_blackbox"]
+
+PyTree = Any
+STEPS = ("curvature", "lipschitz", "gradient")
+COUNTER_MAX = int(np.iinfo(np.int32).max)
+
+
+class DGSState(NamedTuple):
+    """State of :func:`dgs`; every leaf keeps its shape and dtype (``lax.scan``-able).
+
+    Attributes:
+      key: raw PRNG key data, split at every step (the basis is drawn from it).
+      count: steps taken.
+      direction: the last gradient estimate, flattened (the next basis' first direction).
+      initial_radius: s_0 (a restart resets the radius to it).
+      radii: ``(2,)`` — the main direction's radius and the others' (equal when isotropic).
+      thresholds: the radius rule's adaptive thresholds A and B, one per radius.
+      lipschitz: L̄, the running average of the main direction's Lipschitz estimate.
+      best_value: the smallest finite value of f seen at any evaluated point (+inf at first).
+      best_params: where it was seen.
+      best_radii: the radii when it was seen (a restart from the best point resumes them).
+      restarts_left: resets of the radius left before a restart from the best point.
+      value: f at the last iterate (NaN before the first step).
+      stop: True once a step was shorter than the tolerance: later updates are zero.
+      num_evaluations: calls of f so far (every call).
+      num_nonfinite: evaluated values that were not finite.
+      num_skipped: steps skipped because f(x) or the estimate was not finite.
+    """
+
+    key: jax.Array
+    count: jax.Array
+    direction: jax.Array
+    initial_radius: jax.Array
+    radii: jax.Array
+    thresholds: adaptation.RadiusThresholds
+    lipschitz: jax.Array
+    best_value: jax.Array
+    best_params: PyTree
+    best_radii: jax.Array
+    restarts_left: jax.Array
+    value: jax.Array
+    stop: jax.Array
+    num_evaluations: jax.Array
+    num_nonfinite: jax.Array
+    num_skipped: jax.Array
+
+
+def _add(counter: jax.Array, increment: jax.Array) -> jax.Array:
+    increment = jnp.asarray(increment, jnp.int32)
+    return jnp.where(counter > COUNTER_MAX - increment, COUNTER_MAX, counter + increment)
+
+
+def _lateral_roughness(roughness: jax.Array) -> jax.Array:
+    """Mean roughness of the directions across the main one (NaN if none is finite)."""
+    lateral = roughness[1:]
+    finite = jnp.isfinite(lateral)
+    count = jnp.sum(finite)
+    total = jnp.sum(jnp.where(finite, lateral, 0.0))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+
+
+def dgs(
+    radius: float | Callable[[int], float],
+    *,
+    num_directions: int | None = None,
+    num_nodes: int = 5,
+    anisotropic: bool = False,
+    step: str = "curvature",
+    min_radius: float | None = None,
+    max_radius: float | None = None,
+    restarts: int = 2,
+    tolerance: float | None = None,
+    lr_bounds: tuple[float, float] = (0.0, float("inf")),
+    initial_lipschitz: float | None = 1.0,
+    key: int | jax.Array = 0,
+    chunk_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Adaptive directional Gaussian smoothing (DGS/ASGF, arXiv:2002.03001, arXiv:2006.10887).
+
+    Each step draws an orthonormal basis (first direction the last gradient estimate, the
+    rest random; :func:`~agsopt.smoothing.directional.directional_basis`), evaluates f at
+    ``k (M − 1) + 1`` points (:func:`~agsopt.smoothing.directional.directional_value_and_grad`)
+    and adapts the radii with :func:`~agsopt.smoothing.adaptation.adapt_radius`.
+
+    ``step="curvature"`` (the default; use it instead of an Optax optimizer): the update is
+    ``−lr·∇`` with ``lr = 1/C_1``, the Newton step of the smoothed function along the main
+    direction (:func:`~agsopt.smoothing.adaptation.curvature_learning_rate`), capped at the
+    quadrature's span ``2√2·s``, and the Lipschitz rate where ``C_1 ≤ 0``.
+    ``step="lipschitz"``: ASGF's ``lr = clip(√2 s / L̄, *lr_bounds)``, L̄ the running
+    average of the main direction's Lipschitz estimate.
+    With either, when the radius falls below ``10·min_radius`` it is reset to s_0
+    (``restarts`` times), then the iterate restarts from the best point seen with that
+    point's radii; when it exceeds ``max_radius / 10`` the iterate restarts from the best
+    point (ASGF's restarts). The update is then the jump ``best − x``.
+    ``step="gradient"`` (chain it in front of ``optax.sgd``/``optax.adam``): the update is
+    the smoothed gradient; radii adapt and reset as above, the iterate is never moved.
+
+    Every step keeps the best point seen (``state.best_params``/``best_value``, among all
+    evaluated points: no extra evaluation) and sets ``state.stop`` once an update is shorter
+    than ``tolerance``; after that updates are zero and the state is kept (a step still
+    calls f, counted in ``num_evaluations``: stop calling ``update``). A non-finite ``f(x)``
+    or estimate skips the step (counted), halves the radii and (not with
+    ``step="gradient"``) jumps back to the best point.
+
+    Args:
+      radius: s_0 > 0, the initial radius (library convention; ASGF's s is √2 times ours),
+        or a function of the dimension d returning it (evaluated by ``init``).
+      num_directions: k ≤ d directions per step (None: all d).
+      num_nodes: Gauss–Hermite nodes M per direction (odd, ≥ 3).
+      anisotropic: a wider radius across the main direction where the function is rough
+        (True), or one radius for all directions (False, ASGF; measured better).
+      step: "curvature", "lipschitz" or "gradient" (above).
+      min_radius: s_min (default ``s_0·1e-4``); max_radius: s_max (default ``s_0·1e3``).
+      restarts: radius resets before the restart from the best point (ASGF: 2).
+      tolerance: the stopping length of an update (default ``s_0·1e-7``).
+      lr_bounds: ``(lr_min, lr_max)`` of the Lipschitz learning rate (default: none).
+      key: PRNG key or int seed.
+      chunk_size: directions evaluated at once (memory O(chunk_size · M · d)).
+    """
+    if not callable(radius):
+        validation.check_positive("radius", radius)
+    num_nodes = _check_num_nodes(num_nodes)
+    anisotropic = validation.check_bool("anisotropic", anisotropic)
+    step = validation.check_choice("step", step, STEPS)
+    if num_directions is not None:
+        num_directions = validation.check_int("num_directions", num_directions, minimum=1)
+    if chunk_size is not None:
+        chunk_size = validation.check_int("chunk_size", chunk_size, minimum=1)
+    restarts = validation.check_int("restarts", restarts, minimum=0)
+    for name, value in (("min_radius", min_radius), ("max_radius", max_radius)):
+        if value is not None:
+            validation.check_positive(name, value)
+    if tolerance is not None:
+        validation.check_positive("tolerance", tolerance, allow_zero=True)
+    if not callable(radius):
+        _check_radius_bounds(radius, min_radius, max_radius)
+    lr_min, lr_max = (float(b) for b in lr_bounds)
+    if not 0 <= lr_min <= lr_max:
+        raise ValueError(f"lr_bounds must be 0 ≤ lr_min ≤ lr_max, got {lr_bounds!r}")
+    key_data, key_impl = key_for_state(key)
+    l0 = jnp.nan if initial_lipschitz is None else initial_lipschitz
+
+    def init_fn(params: PyTree) -> DGSState:
+        validation.check_float_params(params, "agsopt.dgs")
+        dim = tree_size(params)
+        if num_directions is not None and num_directions > dim:
+            raise ValueError(f"num_directions must be at most d = {dim}, got {num_directions}")
+        dtype = jnp.result_type(_flatten(params).dtype, jnp.float32)
+        s0 = radius
+        if callable(radius):
+            s0 = radius(dim)
+            validation.check_positive("radius", s0)
+            _check_radius_bounds(s0, min_radius, max_radius)
+        radii = jnp.full((2,), s0, dtype)
+        return DGSState(
+            key=jnp.array(key_data),
+            count=jnp.zeros([], jnp.int32),
+            direction=jnp.zeros((dim,), dtype),
+            initial_radius=jnp.asarray(s0, dtype),
+            radii=radii,
+            thresholds=adaptation.initial_thresholds((1,), dtype),
+            lipschitz=jnp.full([], l0, dtype),
+            best_value=jnp.full([], jnp.inf, dtype),
+            best_params=jax.tree.map(jnp.array, params),
+            best_radii=jnp.array(radii),
+            restarts_left=jnp.asarray(restarts, jnp.int32),
+            value=jnp.full([], jnp.nan, dtype),
+            stop=jnp.zeros([], bool),
+            num_evaluations=jnp.zeros([], jnp.int32),
+            num_nonfinite=jnp.zeros([], jnp.int32),
+            num_skipped=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state: DGSState, params=None, *, value_fn=None, **extra_args):
+        del updates, extra_args
+        if params is None:
+            raise ValueError("agsopt.dgs needs params (the point at which to estimate)")
+        value_fn = validation.require_value_fn(value_fn, "agsopt.dgs")
+        dim = state.direction.shape[0]
+        k = dim if num_directions is None else num_directions
+        dtype = state.direction.dtype
+        s0 = state.initial_radius
+        s_min = s0 * 1e-4 if min_radius is None else min_radius
+        s_max = s0 * 1e3 if max_radius is None else max_radius
+        tol = s0 * 1e-7 if tolerance is None else tolerance
+        next_key, step_key = split_state_key(state.key, key_impl)
+        basis = directional_basis(step_key, dim, k, first=state.direction, dtype=dtype)
+        per_direction = jnp.concatenate(
+            [state.radii[:1], jnp.broadcast_to(state.radii[1], (k - 1,))]
+        )
+        est = directional_value_and_grad(
+            value_fn, params, basis, per_direction, num_nodes=num_nodes, chunk_size=chunk_size
+        )
+        grad_flat = jnp.matmul(est.derivatives, basis, precision=jax.lax.Precision.HIGHEST)
+        ok = jnp.isfinite(est.value) & jnp.all(jnp.isfinite(grad_flat))
+        ok = ok & jnp.isfinite(est.lipschitz[0])
+
+        # Best point: among every evaluated point, at no extra evaluation.
+        improved = est.best_value < state.best_value
+        best_value = jnp.where(improved, est.best_value, state.best_value)
+        best_params = jax.tree.map(
+            lambda new, old: jnp.where(improved, new, old), est.best_params, state.best_params
+        )
+        best_radii = jnp.where(improved, state.radii, state.best_radii)
+
+        # Learning rate and step.
+        lipschitz = adaptation.average_lipschitz(state.lipschitz, est.lipschitz[0])
+        lr = adaptation.lipschitz_learning_rate(state.radii[0], lipschitz, lr_min, lr_max)
+        if step == "curvature":
+            lr = adaptation.curvature_learning_rate(
+                est.curvatures[0], jnp.sqrt(jnp.sum(grad_flat * grad_flat)), state.radii[0], lr
+            )
+        step_flat = grad_flat if step == "gradient" else -lr * grad_flat
+        step_norm = lr * jnp.sqrt(jnp.sum(grad_flat * grad_flat))
+
+        # Radii.
+        ratio = jnp.max(adaptation.smoothness_ratio(est.derivatives, est.lipschitz))
+        main, thresholds = adaptation.adapt_radius(state.radii[:1], ratio[None], state.thresholds)
+        main = jnp.clip(main, s_min, s_max)
+        factor = state.radii[1] / state.radii[0]
+        if anisotropic and k > 1:
+            factor = adaptation.adapt_factor(factor, _lateral_roughness(est.roughness))
+        radii = jnp.concatenate([main, main * factor])
+        collapsed = radii[0] < 10 * s_min
+        diverged = radii[0] > s_max / 10
+        reset = ok & (collapsed & (state.restarts_left >= 0) | diverged)
+        to_best = ok & (collapsed & (state.restarts_left == 0) | diverged)
+        fresh = adaptation.initial_thresholds((1,), dtype)
+        reset_radii = jnp.where(to_best, best_radii, jnp.full((2,), s0, dtype))
+        radii = jnp.where(reset, reset_radii, radii)
+        thresholds = jax.tree.map(lambda a, b: jnp.where(reset, a, b), fresh, thresholds)
+        lipschitz = jnp.where(reset, jnp.full_like(lipschitz, l0), lipschitz)
+        direction = jnp.where(reset, jnp.zeros_like(grad_flat), grad_flat)
+        restarts_left = jnp.where(
+            ok & collapsed & (state.restarts_left >= 0),
+            state.restarts_left - 1,
+            state.restarts_left,
+        )
+
+        # A skipped step: keep the state's adaptation, halve the radii, go back to the best.
+        radii = jnp.where(ok, radii, state.radii * 0.5)
+        thresholds = jax.tree.map(lambda a, b: jnp.where(ok, a, b), thresholds, state.thresholds)
+        lipschitz = jnp.where(ok, lipschitz, state.lipschitz)
+        direction = jnp.where(ok, direction, state.direction)
+        jump = (to_best | ~ok) & jnp.isfinite(best_value)
+        x_flat = _flatten(params).astype(dtype)
+        best_flat = _flatten(best_params).astype(dtype)
+        if step != "gradient":
+            move = jnp.where(jump, best_flat - x_flat, jnp.where(ok, step_flat, 0.0))
+        else:
+            move = jnp.where(ok, step_flat, 0.0)
+        stop = state.stop | (ok & ~reset & (step_norm < tol))
+        move = jnp.where(state.stop, 0.0, move)
+        updates = jax.tree.map(
+            lambda u, p: u.astype(p.dtype), tree_unflatten_vector(move, params), params
+        )
+        new_state = DGSState(
+            key=next_key,
+            count=_add(state.count, 1),
+            direction=direction,
+            initial_radius=state.initial_radius,
+            radii=radii,
+            thresholds=thresholds,
+            lipschitz=lipschitz,
+            best_value=best_value,
+            best_params=best_params,
+            best_radii=best_radii,
+            restarts_left=restarts_left,
+            value=est.value,
+            stop=stop,
+            num_evaluations=_add(state.num_evaluations, est.num_evaluations),
+            num_nonfinite=_add(state.num_nonfinite, est.num_nonfinite),
+            num_skipped=_add(state.num_skipped, (~ok).astype(jnp.int32)),
+        )
+        # Once stopped nothing moves and the state is kept, but the calls made are counted.
+        kept = jax.tree.map(lambda old, new: jnp.where(state.stop, old, new), state, new_state)
+        new_state = kept._replace(num_evaluations=new_state.num_evaluations)
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_radius_bounds(radius: Any, min_radius: Any, max_radius: Any) -> None:
+    """``10·s_min < s_0 < s_max/10`` (the restart thresholds), for concrete values."""
+    s_min = radius * 1e-4 if min_radius is None else min_radius
+    s_max = radius * 1e3 if max_radius is None else max_radius
+    bounds = (s_min, radius, s_max)
+    if all(validation.is_concrete(b) for b in bounds) and not 10 * s_min < radius < s_max / 10:
+        raise ValueError(
+            f"need 10·min_radius < radius < max_radius/10 (the restart thresholds), got "
+            f"min_radius={s_min}, radius={radius}, max_radius={s_max}"
+        )
+
+
+def _box_width(lower: Any, upper: Any) -> np.ndarray:
+    """``upper − lower`` (scalars or arrays), checked finite and positive."""
+    lower = np.asarray(lower, np.float64)
+    upper = np.asarray(upper, np.float64)
+    try:
+        width = upper - lower
+    except ValueError:
+        raise ValueError(
+            f"lower and upper must broadcast, got {lower.shape}, {upper.shape}"
+        ) from None
+    if not (np.all(np.isfinite(width)) and np.all(width > 0)):
+        raise ValueError(
+            f"lower and upper must be finite with upper > lower everywhere, got {lower}, {upper}"
+        )
+    return width
+
+
+def dgs_blackbox(
+    lower: Any,
+    upper: Any,
+    *,
+    num_directions: int | None = None,
+    num_nodes: int = 5,
+    anisotropic: bool = False,
+    restarts: int = 2,
+    key: int | jax.Array = 0,
+    chunk_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The black-box recipe from the user's box alone (one setting for every function):
+    :func:`dgs` (curvature step) with ``s_0 = ‖upper − lower‖ / (10√2)``, ASGF's
+    s_0 = box diagonal / 10 in its own convention (arXiv:2006.10887).
+
+    ``lower``/``upper``: the box, scalars (the same interval in every coordinate; the
+    diagonal is then ``(upper − lower)·√d``, d known at ``init``) or arrays of the
+    parameters' flat length. The keyword arguments are :func:`dgs`'s (use :func:`dgs` for
+    the rest).
+    """
+    width = _box_width(lower, upper)
+    if width.ndim == 0:
+        radius = lambda dim: float(width) * math.sqrt(dim) / (10 * math.sqrt(2.0))  # noqa: E731
+    else:
+        radius = float(np.linalg.norm(width)) / (10 * math.sqrt(2.0))
+    return dgs(
+        radius,
+        num_directions=num_directions,
+        num_nodes=num_nodes,
+        anisotropic=anisotropic,
+        restarts=restarts,
+        key=key,
+        chunk_size=chunk_size,
+    )

@@ -1,0 +1,240 @@
+"""agsopt.dgs (adaptive directional smoothing, arXiv:2002.03001 / arXiv:2006.10887).
+
+Against written-out formulas: the gradient it returns (exact for a quadratic with k = d),
+ASGF's radius rule and the Lipschitz learning rate on one step, the evaluation count,
+best-point tracking, restarts, the stopping signal, non-finite values, and convergence on
+the sphere from the box recipe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import agsopt
+from agsopt.smoothing import adaptation
+from agsopt.smoothing.directional import directional_basis, directional_value_and_grad
+from agsopt.tree_utils import split_state_key
+
+DIM = 4
+A = jnp.diag(jnp.asarray([1.0, 2.0, 3.0, 4.0]))
+B = jnp.asarray([0.5, -1.0, 0.0, 2.0])
+
+
+def quadratic(x):
+    return 0.5 * x @ A @ x + B @ x
+
+
+def _step(tx, state, x, fn):
+    return jax.jit(lambda s, p: tx.update(jnp.zeros_like(p), s, p, value_fn=fn))(state, x)
+
+
+def test_gradient_mode_returns_the_exact_gradient_of_a_quadratic():
+    tx = agsopt.dgs(0.7, step="gradient", key=3)
+    x = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    updates, state = _step(tx, tx.init(x), x, quadratic)
+    np.testing.assert_allclose(updates, A @ x + B, rtol=2e-5, atol=2e-5)
+    assert int(state.num_evaluations) == DIM * 4 + 1
+    np.testing.assert_allclose(state.value, quadratic(x), rtol=1e-6)
+
+
+def test_one_lipschitz_step_matches_the_formulas():
+    """x₁ = x₀ − (√2 s / L̄) ∇ with L̄ = 0.9·L̄₀ + 0.1·L_1 and ASGF's radius rule."""
+    radius = 0.6
+    tx = agsopt.dgs(radius, step="lipschitz", key=5)
+    x = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    state = tx.init(x)
+    updates, new = _step(tx, state, x, quadratic)
+
+    _, step_key = split_state_key(state.key, jax.random.key_impl(jax.random.key(5)))
+    basis = directional_basis(step_key, DIM, DIM, first=state.direction)
+    est = directional_value_and_grad(quadratic, x, basis, radius)
+    lbar = 0.9 * 1.0 + 0.1 * float(est.lipschitz[0])
+    lr = math.sqrt(2.0) * radius / lbar
+    np.testing.assert_allclose(updates, -lr * np.asarray(est.grad), rtol=1e-5)
+    ratio = float(jnp.max(jnp.abs(est.derivatives) / est.lipschitz))
+    expected = radius * (0.9 if ratio < 0.1 else 1 / 0.9 if ratio > 0.9 else 1.0)
+    np.testing.assert_allclose(new.radii[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(new.lipschitz, lbar, rtol=1e-6)
+    np.testing.assert_allclose(new.radii[1], new.radii[0], rtol=1e-6)  # isotropic
+
+
+def test_curvature_step_is_the_newton_step_along_the_main_direction():
+    """On the sphere C_1 = 2 in every direction: lr = 1/2 and one step lands on the
+    minimizer (the cap 2√2·s is longer than the step for this radius)."""
+    tx = agsopt.dgs(3.0, key=8)
+    x = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    updates, _ = _step(tx, tx.init(x), x, lambda v: jnp.sum(v**2))
+    np.testing.assert_allclose(x + updates, 0.0, atol=1e-5)
+    # With a small radius the same step is cut to the quadrature's span.
+    tx = agsopt.dgs(0.1, key=8)
+    updates, _ = _step(tx, tx.init(x), x, lambda v: jnp.sum(v**2))
+    np.testing.assert_allclose(jnp.linalg.norm(updates), 2 * math.sqrt(2) * 0.1, rtol=1e-5)
+
+
+def test_curvature_learning_rate_rule():
+    lr = adaptation.curvature_learning_rate(
+        jnp.asarray([4.0, -1.0, jnp.nan, 4.0]), jnp.asarray([1.0, 1.0, 1.0, 100.0]), 1.0, 0.3
+    )
+    cap = 2 * math.sqrt(2) / 100.0
+    np.testing.assert_allclose(lr, [0.25, 0.3, 0.3, cap], rtol=1e-6)
+
+
+def test_anisotropic_lateral_radius_grows_on_rough_directions():
+    """Rough lateral directions (a quadratic does not explain the node values) widen the
+    lateral radius a·s, a ≥ 1; on a quadratic the roughness is 0 and a stays 1."""
+
+    def rough(x):
+        return jnp.sum(jnp.cos(9.0 * x))
+
+    tx = agsopt.dgs(0.5, anisotropic=True, key=6)
+    x0 = jnp.asarray([0.3, -0.2, 0.1, 0.4])
+    _, state, _ = _run(tx, rough, x0, 3)
+    assert float(state.radii[1]) > float(state.radii[0])
+    _, state, _ = _run(tx, quadratic, x0, 3)
+    np.testing.assert_allclose(state.radii[1], state.radii[0], rtol=1e-6)
+
+
+def test_adapt_radius_rule():
+    radius = jnp.asarray([1.0, 1.0, 1.0])
+    ratio = jnp.asarray([0.05, 0.95, 0.5])
+    thresholds = adaptation.initial_thresholds((3,))
+    new, th = adaptation.adapt_radius(radius, ratio, thresholds)
+    np.testing.assert_allclose(new, [0.9, 1 / 0.9, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(th.lower, [0.1 * 0.95, 0.1, 0.1 * 1.02], rtol=1e-6)
+    np.testing.assert_allclose(th.upper, [0.9, 0.9 * 1.01, 0.9 * 0.98], rtol=1e-6)
+
+
+def test_adapt_factor_rule():
+    factor = jnp.asarray([2.0, 2.0, 2.0, 1.0, 9.5])
+    rough = jnp.asarray([0.7, 0.1, 0.3, 0.1, 0.9])
+    new = adaptation.adapt_factor(factor, rough)
+    np.testing.assert_allclose(new, [2 / 0.9, 1.8, 2.0, 1.0, 10.0], rtol=1e-6)
+    assert float(adaptation.adapt_factor(jnp.asarray(3.0), jnp.asarray(jnp.nan))) == 3.0
+
+
+def test_average_lipschitz_starts_from_the_first_value_when_nan():
+    assert float(adaptation.average_lipschitz(jnp.asarray(jnp.nan), jnp.asarray(7.0))) == 7.0
+    assert float(adaptation.average_lipschitz(jnp.asarray(2.0), jnp.asarray(jnp.nan))) == 2.0
+    np.testing.assert_allclose(
+        adaptation.average_lipschitz(jnp.asarray(2.0), jnp.asarray(12.0)), 3.0, rtol=1e-6
+    )
+
+
+def _run(tx, fn, x, steps):
+    state = tx.init(x)
+    step = jax.jit(lambda s, p: tx.update(jnp.zeros_like(p), s, p, value_fn=fn))
+    history = []
+    for _ in range(steps):
+        updates, state = step(state, x)
+        x = optax.apply_updates(x, updates)
+        history.append((x, state))
+    return x, state, history
+
+
+def test_best_point_is_the_smallest_value_seen_and_counts_every_call():
+    def rugged(x):
+        return jnp.sum(x**2 - 3 * jnp.cos(4 * x))
+
+    tx = agsopt.dgs(1.0, key=1)
+    x0 = jnp.asarray([2.0, -1.5, 0.3, 1.1])
+    _, state, history = _run(tx, rugged, x0, 30)
+    best = [float(s.best_value) for _, s in history]
+    assert all(b2 <= b1 for b1, b2 in zip(best, best[1:], strict=False))
+    np.testing.assert_allclose(state.best_value, rugged(state.best_params), rtol=1e-6)
+    assert float(state.best_value) <= min(float(s.value) for _, s in history)
+    assert int(state.num_evaluations) == 30 * (DIM * 4 + 1)
+
+
+def test_collapse_resets_the_radius_then_restarts_from_the_best_point():
+    """A constant function has D = 0: the ratio is 0, the radius shrinks by 0.9 a step
+    until 10·min_radius, then resets (twice), then the iterate jumps to the best point."""
+    tx = agsopt.dgs(1.0, min_radius=0.05, restarts=2, tolerance=0.0, key=2)
+    x0 = jnp.ones(DIM)
+    _, state, history = _run(tx, lambda x: jnp.sum(x * 0.0), x0, 40)
+    restarts = [int(s.restarts_left) for _, s in history]
+    assert restarts[0] == 2 and -1 in restarts
+    first_reset = restarts.index(1)
+    assert float(history[first_reset][1].radii[0]) == pytest.approx(1.0)
+    assert 0.5 < float(history[first_reset - 1][1].radii[0]) < 0.55  # 0.9⁶; 0.9⁷ < 0.5 reset
+
+
+def test_stop_signal_and_frozen_updates():
+    tx = agsopt.dgs(0.5, tolerance=1e-3, key=0)
+    x, state, history = _run(tx, lambda x: jnp.sum(x * 0.0) + 1.0, jnp.ones(DIM), 3)
+    assert bool(state.stop)
+    np.testing.assert_array_equal(x, jnp.ones(DIM))
+    stopped_at = next(i for i, (_, s) in enumerate(history) if bool(s.stop))
+    frozen = history[stopped_at][1]
+    assert int(state.count) == int(frozen.count)
+
+
+def test_nonfinite_value_skips_and_returns_to_the_best_point():
+    def poisoned(x):  # NaN beyond x_0 > 2.5
+        return jnp.where(x[0] > 2.5, jnp.nan, jnp.sum((x - 3.0) ** 2))
+
+    tx = agsopt.dgs(0.3, key=4)
+    x, state, history = _run(tx, poisoned, jnp.zeros(DIM), 60)
+    assert np.isfinite(np.asarray(x)).all()
+    assert np.isfinite(float(state.best_value))
+    assert int(state.num_nonfinite) > 0
+    assert all(np.isfinite(np.asarray(s.radii)).all() for _, s in history)
+
+
+def test_box_recipe_converges_on_the_sphere():
+    lower, upper = -5.12 * np.ones(6), 5.12 * np.ones(6)
+    tx = agsopt.dgs_blackbox(lower, upper, key=0)
+    x0 = jnp.asarray([3.0, -4.0, 1.0, 2.5, -1.0, 4.5])
+    _, state, _ = _run(tx, lambda x: jnp.sum(x**2), x0, 25)
+    assert float(state.best_value) < 1e-6 * float(jnp.sum(x0**2))
+
+
+def test_scan_and_pytree_params():
+    params = {"a": jnp.ones((2, 2)), "b": jnp.zeros(3)}
+
+    def fn(p):
+        return jnp.sum((p["a"] - 2.0) ** 2) + jnp.sum(jnp.sin(p["b"]) ** 2)
+
+    tx = agsopt.dgs(0.5, num_directions=4, chunk_size=3, key=7)
+
+    def body(carry, _):
+        p, s = carry
+        u, s = tx.update(optax.tree.zeros_like(p), s, p, value_fn=fn)
+        return (optax.apply_updates(p, u), s), s.best_value
+
+    (p, s), best = jax.jit(lambda c: jax.lax.scan(body, c, None, length=5))(
+        (params, tx.init(params))
+    )
+    assert p["a"].shape == (2, 2) and np.isfinite(np.asarray(best)).all()
+    assert int(s.num_evaluations) == 5 * (4 * 4 + 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"radius": 0.0}, "radius"),
+        ({"radius": 1.0, "num_nodes": 4}, "num_nodes"),
+        ({"radius": 1.0, "step": "newton"}, "step"),
+        ({"radius": 1.0, "anisotropic": 1}, "anisotropic"),
+        ({"radius": 1.0, "min_radius": 0.5}, "min_radius"),
+        ({"radius": 1.0, "lr_bounds": (2.0, 1.0)}, "lr_bounds"),
+        ({"radius": 1.0, "num_directions": 0}, "num_directions"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        agsopt.dgs(**kwargs)
+
+
+def test_bad_box_and_too_many_directions():
+    with pytest.raises(ValueError, match="upper"):
+        agsopt.dgs_blackbox(np.ones(3), np.zeros(3))
+    with pytest.raises(ValueError, match="num_directions"):
+        agsopt.dgs(1.0, num_directions=9).init(jnp.zeros(3))
+    with pytest.raises(TypeError, match="value_fn"):
+        agsopt.dgs(1.0).update(jnp.zeros(3), agsopt.dgs(1.0).init(jnp.zeros(3)), jnp.zeros(3))
