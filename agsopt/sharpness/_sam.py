@@ -16,6 +16,7 @@ the *original* ``w``. The perturbation uses the minibatch of ``g``: the caller's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -37,9 +38,44 @@ PyTree = Any
 
 
 class SAMState(NamedTuple):
-    """State of :func:`sam`: the number of steps taken."""
+    """State of :func:`sam`.
+
+    Attributes:
+      count: the number of steps taken (the argument of a ρ schedule).
+      num_skipped: steps skipped — zero update, ``value_fn`` not evaluated — because a
+        scheduled or injected ρ was not finite and ≥ 0 at that step.
+    """
 
     count: jax.Array
+    num_skipped: jax.Array
+
+
+def radius_is_static(rho: Radius) -> bool:
+    """ρ was checked at construction: a concrete number, neither a schedule nor traced."""
+    return not callable(rho) and validation.is_concrete(rho)
+
+
+def radius_is_valid(*radii: jax.Array | float) -> jax.Array:
+    """Is every radius of this step finite and ≥ 0? (a traced boolean scalar)"""
+    checks = [jnp.all(jnp.isfinite(jnp.asarray(r)) & (jnp.asarray(r) >= 0)) for r in radii]
+    return jnp.all(jnp.stack(checks))
+
+
+def count_skip(num_skipped: jax.Array, ok: jax.Array) -> jax.Array:
+    """``num_skipped`` plus one where the step was skipped (``ok`` False), saturating."""
+    return jnp.where(ok, num_skipped, optax.safe_increment(num_skipped))
+
+
+def skip_unless(
+    ok: jax.Array | None, compute: Callable[[], PyTree], static: bool
+) -> tuple[PyTree, jax.Array]:
+    """``compute()`` when the step is valid, zeros of its shapes (nothing evaluated) when
+    not; with ``static`` the step is valid by construction and ``compute`` runs as is.
+    Returns ``(result, ok)``."""
+    if static:
+        return compute(), jnp.asarray(True)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+    return jax.lax.cond(ok, compute, lambda: zeros), ok
 
 
 def sam(
@@ -86,7 +122,9 @@ def sam(
       rho: radius of the ascent step (≥ 0): a number or an Optax schedule ``count -> ρ``
         evaluated at this transformation's step count (0 on the first step). ρ = 0 returns
         the plain gradient (with one extra gradient evaluation). A schedule is checked at
-        ``count = 0`` only.
+        ``count = 0`` at construction and again at every step: a step whose ρ (scheduled,
+        or injected by ``optax.inject_hyperparams``) is not finite and ≥ 0 is skipped —
+        zero update, ``value_fn`` not evaluated — and counted in ``state.num_skipped``.
       adaptive: use ASAM's scale-invariant ascent.
       eta: ASAM's offset η ≥ 0 (ignored unless ``adaptive``).
       eps: added to the norm, so a zero gradient gives a finite update.
@@ -116,26 +154,39 @@ def sam(
     validation.check_positive("eta", eta, allow_zero=True)
     validation.check_positive("eps", eps)
 
+    static = radius_is_static(rho)
+
     def init_fn(params: PyTree) -> SAMState:
         del params
-        return SAMState(count=jnp.zeros((), jnp.int32))
+        zero = jnp.zeros((), jnp.int32)
+        return SAMState(count=zero, num_skipped=zero)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
         value_fn = validation.require_value_fn(value_fn, "agsopt.sam")
         if params is None:
             raise TypeError("agsopt.sam: update() needs params")
-        perturbation = sam_perturbation(
-            updates,
-            params,
-            radius_at(rho, state.count),
-            adaptive=adaptive,
-            eta=eta,
-            eps=eps,
-            adaptive_mask=adaptive_mask,
-        )
-        sharp_grads = perturbed_gradient(value_fn, params, perturbation)
+        rho_now = radius_at(rho, state.count)
+
+        def sharp_gradient() -> PyTree:
+            perturbation = sam_perturbation(
+                updates,
+                params,
+                rho_now,
+                adaptive=adaptive,
+                eta=eta,
+                eps=eps,
+                adaptive_mask=adaptive_mask,
+            )
+            return perturbed_gradient(value_fn, params, perturbation)
+
+        ok = None if static else radius_is_valid(rho_now)
+        sharp_grads, ok = skip_unless(ok, sharp_gradient, static)
         sharp_grads = mean_over_shards(sharp_grads, axis_name)
-        return sharp_grads, SAMState(count=optax.safe_increment(state.count))
+        new_state = SAMState(
+            count=optax.safe_increment(state.count),
+            num_skipped=count_skip(state.num_skipped, ok),
+        )
+        return sharp_grads, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
