@@ -16,7 +16,7 @@ the *original* ``w``. The perturbation uses the minibatch of ``g``: the caller's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +36,10 @@ from agsopt.sharpness._perturbation import (
 
 PyTree = Any
 
+#: The leaf names SamsungLabs/ASAM scales by ``|w| + η``: PyTorch's ``weight`` and its Flax
+#: counterparts (``kernel`` of Linear/Conv, ``scale`` of the norms, ``embedding``).
+ASAM_WEIGHT_NAMES = ("weight", "kernel", "scale", "embedding")
+
 
 class SAMState(NamedTuple):
     """State of :func:`sam`.
@@ -48,6 +52,54 @@ class SAMState(NamedTuple):
 
     count: jax.Array
     num_skipped: jax.Array
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str | None:
+    """The name nearest to a leaf on its path: a dict key or attribute name (list and
+    tuple indices are skipped, so ``{"kernel": [a, b]}`` names both leaves ``kernel``)."""
+    for key in reversed(path):
+        if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+            return key.key
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            return key.name
+    return None
+
+
+def asam_weight_mask(names: Sequence[str] = ASAM_WEIGHT_NAMES) -> Callable[[PyTree], PyTree]:
+    """An ``adaptive_mask`` for :func:`sam` that selects leaves by name (ASAM,
+    arXiv:2102.11600, as SamsungLabs/ASAM runs it).
+
+    The returned ``mask(params)`` is True on a leaf whose name — the dict key or attribute
+    nearest to it on its path, e.g. ``kernel`` in ``params["dense"]["kernel"]`` — is one of
+    ``names``, and False elsewhere: ASAM then uses ``T = |w| + η`` on the selected leaves and
+    ``T = 1`` on the others (biases, and names such as ``gain`` or ``cls_token`` that the
+    reference does not scale). The default names are PyTorch's ``weight`` and Flax's
+    ``kernel``, ``scale`` and ``embedding``. The reference tests ``'weight' in name`` on
+    PyTorch's dotted parameter names (``bn1.weight`` is a norm's scale); on trees whose
+    leaves are named as above the two select the same parameters::
+
+        opt = agsopt.sam(0.5, adaptive=True, eta=0.01, eps=1e-16,
+                         adaptive_mask=agsopt.sharpness.asam_weight_mask())
+
+    Args:
+      names: the leaf names to scale (a sequence of strings, not one string).
+
+    Raises:
+      TypeError: ``names`` is a string or holds a non-string.
+      ValueError: ``names`` is empty.
+    """
+    if isinstance(names, str | bytes) or not isinstance(names, Sequence | set | frozenset):
+        raise TypeError(f"names must be a sequence of strings, e.g. ('kernel',), got {names!r}")
+    chosen = frozenset(names)
+    if not chosen:
+        raise ValueError("names must name at least one leaf, got an empty sequence")
+    if not all(isinstance(n, str) for n in chosen):
+        raise TypeError(f"names must be strings, got {sorted(map(repr, chosen))}")
+
+    def mask(params: PyTree) -> PyTree:
+        return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in chosen, params)
+
+    return mask
 
 
 def radius_is_static(rho: Radius) -> bool:
@@ -112,11 +164,9 @@ def sam(
       scales every parameter, biases included, by ``|w|`` with no offset (its README
       suggests ρ = 2).
     - SamsungLabs/ASAM ``ASAM(rho=0.5, eta=0.01)``: ``sam(0.5, adaptive=True, eta=0.01,
-      eps=1e-16, adaptive_mask=mask)`` with ``mask`` selecting the parameters PyTorch names
-      ``weight`` (Flax: ``kernel``, ``scale``, ``embedding``): biases keep ``T = 1``, e.g.
-      ``mask = lambda p: jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) != "bias", p)``. Its ``SAM`` class is
-      ``sam(ρ, eps=1e-16)``.
+      eps=1e-16, adaptive_mask=asam_weight_mask())``: :func:`asam_weight_mask` selects the
+      parameters PyTorch names ``weight`` (Flax: ``kernel``, ``scale``, ``embedding``);
+      biases and any other name keep ``T = 1``. Its ``SAM`` class is ``sam(ρ, eps=1e-16)``.
 
     Args:
       rho: radius of the ascent step (≥ 0): a number or an Optax schedule ``count -> ρ``
