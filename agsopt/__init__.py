@@ -48,7 +48,7 @@ from agsopt.smoothing import (
     smoothed_value_and_grad,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AGSState",
