@@ -13,10 +13,12 @@ Two families, each in its own subpackage, every public name re-exported here:
 - :mod:`agsopt.sharpness` — the SAM family: :func:`sam` (ASAM with ``adaptive=True``),
   Bilateral SAM :func:`bsam`, and the sampled variants :func:`ausam` and :func:`vsam`.
 
-Test functions for convergence studies: :mod:`agsopt.functions`.
+Test functions for convergence studies: :mod:`agsopt.functions`. Flax NNX models:
+:func:`agsopt.nnx.state_loss` turns a loss of the model into the loss of its parameters'
+``nnx.State`` that ``value_fn`` must be (Flax is imported only when it is called).
 """
 
-from agsopt import functions, sharpness, smoothing, tree_utils
+from agsopt import functions, nnx, sharpness, smoothing, tree_utils
 from agsopt.sharpness import (
     AUSAMState,
     BSAMState,
@@ -53,7 +55,7 @@ from agsopt.smoothing import (
     smoothed_value_and_grad,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AGSState",
@@ -84,6 +86,7 @@ __all__ = [
     "igs_adam",
     "igs_gd",
     "igs_sgd",
+    "nnx",
     "sam",
     "sam_perturbation",
     "sharpness",

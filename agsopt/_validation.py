@@ -42,7 +42,18 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """``value`` is a Python/NumPy integer ≥ ``minimum``; returns it as ``int``."""
+    """``value`` is a Python/NumPy integer ≥ ``minimum``; returns it as ``int``.
+
+    A JAX array here is almost always ``optax.inject_hyperparams`` without ``static_args``
+    (it turns every numeric argument into an array): the error says so.
+    """
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"{name} must be a Python int, got a JAX array ({value.dtype}): "
+            "optax.inject_hyperparams turns numeric arguments into arrays; mark the integer "
+            f"ones static, e.g. optax.inject_hyperparams(factory, static_args=({name!r},)) "
+            "with the factory's other integer arguments too (its docstring lists them)"
+        )
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -73,7 +84,48 @@ def require_value_fn(value_fn: Callable[..., Any] | None, owner: str) -> Callabl
         )
     if not callable(value_fn):
         raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}")
-    return value_fn
+    return _explain_value_fn_errors(value_fn, owner)
+
+
+def _is_nnx_state(tree: Any) -> bool:
+    """Is ``tree`` a Flax ``nnx.State``? (by type name: Flax is not imported)"""
+    kind = type(tree)
+    return kind.__name__ == "State" and kind.__module__.startswith("flax.")
+
+
+def _explain_value_fn_errors(value_fn: Callable[..., Any], owner: str) -> Callable[..., Any]:
+    """``value_fn`` with two common mistakes turned into errors that say what to do.
+
+    - It receives the parameters as an ``nnx.State`` (``nnx.Optimizer`` passes them so) and
+      uses them as a model (``'State' object is not callable``): the error names
+      ``agsopt.nnx.state_loss``.
+    - It returns ``(loss, aux)`` (a ``has_aux`` loss): the error says to pass the loss alone.
+    """
+
+    def checked(params: Any) -> Any:
+        try:
+            out = value_fn(params)
+        except (TypeError, AttributeError) as err:
+            if not (_is_nnx_state(params) and "'State' object" in str(err)):
+                raise
+            raise TypeError(
+                f"{owner}: value_fn received the parameters as a flax nnx.State (what "
+                "nnx.Optimizer passes) and failed using them as a model: "
+                f"{type(err).__name__}: {err}. Make the loss of the model a loss of the "
+                "state: value_fn=agsopt.nnx.state_loss(loss_fn, model), called before the "
+                "first pass"
+            ) from err
+        if isinstance(out, tuple | list):
+            raise TypeError(
+                f"{owner}: value_fn must return a scalar, the loss alone; got a "
+                f"{type(out).__name__} of {len(out)} (a loss with has_aux=True?). Pass "
+                "value_fn=lambda p: loss_fn(p, batch)[0]: the auxiliary output of the "
+                "perturbed evaluations is not used (keep the first pass's, as the README's "
+                "BatchNorm recipe does)"
+            )
+        return out
+
+    return checked
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -3,7 +3,8 @@
 SAM, ASAM, BSAM and vSAM take the ordinary gradient as their incoming updates and the loss
 on the same batch as the keyword ``value_fn``; with ``nnx.Optimizer`` the call is
 ``optimizer.update(model, grads, value_fn=value_fn)``, and ``value_fn`` receives the
-parameters' ``nnx.State`` (rebuild the model with ``nnx.merge``). AUSAM computes its own
+parameters' ``nnx.State``: ``agsopt.nnx.state_loss(loss_of_model, model)`` turns the loss of
+the model into that loss of the state (one line). AUSAM computes its own
 gradient on a sampled subset of the batch, so it takes a per-example loss and the batch's
 dataset ids instead (see ``train_ausam``).
 
@@ -85,15 +86,13 @@ def train(method: str, data, epochs: int, batch: int, seed: int = 0) -> tuple[fl
         optax.sgd(lr, momentum=0.9),
     )
     model = MLP(x_train.shape[1], 128, 10, nnx.Rngs(seed))
-    graphdef, _ = nnx.split(model, nnx.Param)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, x, y):
-        def value_fn(params):  # the loss at given parameters, same batch
-            return cross_entropy(nnx.merge(graphdef, params), x, y)
-
-        loss, grads = nnx.value_and_grad(cross_entropy)(model, x, y)
+        loss_of = lambda m: cross_entropy(m, x, y)  # the loss of the model, same batch
+        value_fn = agsopt.nnx.state_loss(loss_of, model)  # ... as a loss of its nnx.State
+        loss, grads = nnx.value_and_grad(loss_of)(model)
         optimizer.update(model, grads, value_fn=value_fn)
         return loss
 

@@ -546,3 +546,96 @@ def test_min_point_under_m_sharpness_averages_the_shift():
     expected = jax.tree.map(lambda s, d: s - lr * np.asarray(d), mean(shifts), mean(directions))
     for i in range(n_shards):
         assert_tree_allclose(jax.tree.map(lambda t, i=i: t[i], got), expected)
+
+
+# ------------------------------------------------- non-finite steps with step_from="min_point"
+def _nan_tree(tree):
+    return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree)
+
+
+def _nan_loss(params):  # NaN wherever it is evaluated: both perturbed points
+    return jnp.nan * quartic_loss(params)
+
+
+def _bsam_state(state):
+    return state if isinstance(state, BSAMState) else state.inner_state
+
+
+def _float_leaves(state):
+    return [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+@pytest.mark.parametrize("guard", ["apply_if_finite(base)", "apply_if_finite(bsam)"])
+@pytest.mark.parametrize("source", ["incoming gradient", "perturbed point"])
+def test_min_point_skips_a_non_finite_step(guard, source):
+    """The min point's shift −ρ_min ĝ is applied by bsam, outside a guard around base, and
+    apply_if_finite around bsam sees only g: bsam guards this mode itself. A NaN from either
+    source leaves the parameters and the momentum as they were and is counted once."""
+    sgd = optax.sgd(0.1, momentum=0.9)
+    if guard == "apply_if_finite(base)":
+        opt = bsam(0.05, 0.02, step_from="min_point", base=optax.apply_if_finite(sgd, 5))
+    else:
+        opt = optax.apply_if_finite(bsam(0.05, 0.02, step_from="min_point", base=sgd), 5)
+    params = make_params()
+    state = opt.init(params)
+    updates, state = opt.update(
+        jax.grad(quartic_loss)(params), state, params, value_fn=quartic_loss
+    )
+    params = optax.apply_updates(params, updates)  # one finite step: the momentum is non-zero
+    assert all(float(jnp.max(jnp.abs(m))) > 0 for m in _float_leaves(state))
+
+    grads = jax.grad(quartic_loss)(params)
+    if source == "incoming gradient":
+        bad_grads, bad_loss = _nan_tree(grads), quartic_loss
+    else:
+        bad_grads, bad_loss = grads, _nan_loss
+    updates, bad_state = opt.update(bad_grads, state, params, value_fn=bad_loss)
+    assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(updates))
+    assert_tree_allclose(optax.apply_updates(params, updates), params, rtol=0, atol=0)
+    for kept, before in zip(_float_leaves(bad_state), _float_leaves(state), strict=True):
+        np.testing.assert_array_equal(kept, before)  # the momentum, untouched
+    skipped = int(_bsam_state(bad_state).num_skipped)
+    if guard == "apply_if_finite(bsam)":
+        skipped += int(bad_state.total_notfinite)
+    assert skipped == 1
+
+    # the next finite step is the one that would have followed without the bad step
+    after_bad, _ = opt.update(grads, bad_state, params, value_fn=quartic_loss)
+    without, _ = opt.update(grads, state, params, value_fn=quartic_loss)
+    assert_tree_allclose(after_bad, without, rtol=0, atol=0)
+
+
+def test_min_point_guard_under_jit_counts_each_skipped_step():
+    opt = bsam(0.05, 0.02, step_from="min_point", base=optax.sgd(0.1, momentum=0.9))
+    params = make_params()
+
+    @jax.jit
+    def step(params, state, poison):
+        loss = lambda p: quartic_loss(p) * jnp.where(poison, jnp.nan, 1.0)
+        updates, state = opt.update(jax.grad(quartic_loss)(params), state, params, value_fn=loss)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for poison in (False, True, False, True, True):
+        params, state = step(params, state, poison)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((params, state)))
+    assert int(state.num_skipped) == 3
+    assert int(state.count) == 5
+
+
+def test_params_mode_passes_a_non_finite_direction_on():
+    """With step_from="params" the guard is the caller's: a NaN at a perturbed point reaches
+    the chained optimizer, so optax.apply_if_finite around it sees the step and skips it."""
+    params = make_params()
+    opt = bsam(0.05, 0.02)
+    direction, state = opt.update(
+        jax.grad(quartic_loss)(params), opt.init(params), params, value_fn=_nan_loss
+    )
+    assert not any(bool(jnp.all(jnp.isfinite(d))) for d in jax.tree.leaves(direction))
+    assert int(state.num_skipped) == 0
+    guarded = optax.chain(bsam(0.05, 0.02), optax.apply_if_finite(optax.sgd(0.1), 5))
+    updates, state = guarded.update(
+        jax.grad(quartic_loss)(params), guarded.init(params), params, value_fn=_nan_loss
+    )
+    assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(updates))
+    assert int(state[1].total_notfinite) == 1

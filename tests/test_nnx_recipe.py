@@ -155,3 +155,104 @@ def test_nnx_optimizer_variant_matches_functional_recipe():
     np.testing.assert_allclose(
         got_rest["bn"]["mean"][...], expected_rest["bn"]["mean"][...], rtol=1e-6
     )
+
+
+# ----------------------------------------------------- the adapter agsopt.nnx.state_loss
+def _adapter_step(opt):
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        loss_of = lambda m: jnp.mean((m(x) - y) ** 2)
+        value_fn = agsopt.nnx.state_loss(loss_of, model)  # before the first pass
+        grads = nnx.grad(loss_of)(model)  # first pass: updates stats, advances the RNG
+        optimizer.update(model, grads, value_fn=value_fn)
+
+    return step
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda: optax.chain(agsopt.sam(RHO), optax.sgd(LR)),
+        lambda: optax.chain(agsopt.bsam(0.05, 0.02), optax.sgd(LR, momentum=0.9)),
+    ],
+    ids=["sam", "bsam"],
+)
+def test_state_loss_with_nnx_optimizer_matches_functional_recipe(make_opt):
+    """One line, ``value_fn = agsopt.nnx.state_loss(loss_of, model)``, gives the recipe's
+    step: the pre-step statistics and dropout mask in the perturbed passes, the first
+    pass's statistics kept in the model."""
+    x, y = _batch()
+    opt = make_opt()
+    _, params, rest, _, train_step = make_recipe(Net(nnx.Rngs(0, dropout=1)), opt)
+    expected, expected_rest, _ = train_step(params, rest, opt.init(params), x, y)
+
+    model = Net(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, opt, wrt=nnx.Param)
+    _adapter_step(opt)(model, optimizer, x, y)
+    got = nnx.state(model, nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
+    got_rest = nnx.state(model, nnx.Not(nnx.Param))
+    np.testing.assert_allclose(
+        got_rest["bn"]["mean"][...], expected_rest["bn"]["mean"][...], rtol=1e-6
+    )
+    assert int(got_rest["drop"]["rngs"]["count"][...]) == 1  # the first pass's draw only
+
+
+def test_state_loss_from_a_graphdef_is_the_merged_loss():
+    model = Net(nnx.Rngs(0, dropout=1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x, y = _batch()
+    loss_of = lambda m: jnp.mean((m(x) - y) ** 2)
+    value_fn = agsopt.nnx.state_loss(loss_of, graphdef, rest)
+    by_hand = lambda p: loss_of(nnx.merge(graphdef, p, rest, copy=True))
+    np.testing.assert_allclose(value_fn(params), by_hand(params), rtol=1e-7)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+        jax.grad(value_fn)(params),
+        jax.grad(by_hand)(params),
+    )
+    # the module form snapshots the same states and leaves the model untouched
+    before = nnx.state(model, nnx.Not(nnx.Param))
+    from_module = agsopt.nnx.state_loss(loss_of, model)
+    np.testing.assert_allclose(from_module(params), by_hand(params), rtol=1e-7)
+    after = nnx.state(model, nnx.Not(nnx.Param))
+    np.testing.assert_array_equal(after["bn"]["mean"][...], before["bn"]["mean"][...])
+    assert int(after["drop"]["rngs"]["count"][...]) == int(before["drop"]["rngs"]["count"][...])
+
+
+def test_state_loss_arguments_are_checked():
+    model = Net(nnx.Rngs(0, dropout=1))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    loss_of = lambda m: jnp.sum(m(jnp.ones((2, 3))))
+    with pytest.raises(TypeError, match="nnx.Module or the nnx.GraphDef"):
+        agsopt.nnx.state_loss(loss_of, {"w": jnp.ones(3)})
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        agsopt.nnx.state_loss(3.0, model)
+    with pytest.raises(TypeError, match="wrt"):
+        agsopt.nnx.state_loss(loss_of, graphdef, rest, wrt=nnx.Param)
+    with pytest.raises(TypeError, match="only with a GraphDef"):
+        agsopt.nnx.state_loss(loss_of, model, rest)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda: optax.chain(agsopt.sam(RHO), optax.sgd(LR)),
+        lambda: optax.chain(agsopt.bsam(0.05, 0.02), optax.sgd(LR)),
+        lambda: optax.chain(
+            agsopt.vsam(0.05, warmup_steps=2, window=4, var_blocks=2), optax.sgd(LR)
+        ),
+        lambda: optax.chain(agsopt.ags(0.1, 4), optax.sgd(LR)),
+    ],
+    ids=["sam", "bsam", "vsam", "ags"],
+)
+def test_a_model_loss_given_as_value_fn_names_the_adapter(make_opt):
+    """``nnx.Optimizer`` passes ``value_fn`` the parameters' ``nnx.State``; a loss of the
+    model fails on it with an error that names ``agsopt.nnx.state_loss``."""
+    model = Net(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, make_opt(), wrt=nnx.Param)
+    x, y = _batch()
+    loss_of = lambda m: jnp.mean((m(x) - y) ** 2)
+    grads = nnx.grad(loss_of)(model)
+    with pytest.raises(TypeError, match=r"agsopt\.nnx\.state_loss\(loss_fn, model\)"):
+        optimizer.update(model, grads, value_fn=loss_of)

@@ -33,6 +33,7 @@ MODULES = (agsopt, agsopt.smoothing, agsopt.sharpness)
 # public functions that are not transformations: each must stay one (no GradientTransformation
 # return annotation, checked below) or move to the registry
 NOT_TRANSFORMATIONS = {
+    "asam_weight_mask",
     "bsam_reference_schedules",
     "bsam_rho_min_schedule",
     "fill_masked_params",

@@ -138,3 +138,89 @@ def test_fill_masked_params_passes_full_trees_through():
     filled = agsopt.fill_masked_params(loss, params)
     shifted = jax.tree.map(lambda x: x + 0.1, params)
     assert float(filled(shifted)) == float(loss(shifted))
+
+
+# ------------------------------------------ ASAM's name-based mask (SamsungLabs/ASAM)
+def _vit_like():
+    k = jax.random.split(jax.random.key(5), 6)
+    return {
+        "embed": {"embedding": 0.5 * jax.random.normal(k[0], (5, 4))},
+        "cls_token": 0.3 * jax.random.normal(k[1], (4,)),
+        "norm": {"scale": 1.0 + 0.1 * jax.random.normal(k[2], (4,)), "bias": 0.2 * jnp.ones(4)},
+        "gain": 1.5 + 0.1 * jax.random.normal(k[3], (4,)),
+        "head": {"kernel": 0.5 * jax.random.normal(k[4], (4, 3)), "bias": -0.1 * jnp.ones(3)},
+        "blocks": [{"kernel": 0.4 * jax.random.normal(k[5], (4, 4))}],
+    }
+
+
+def _vit_loss(p):
+    tokens = p["embed"]["embedding"] + p["cls_token"]
+    h = tokens / jnp.sqrt(jnp.mean(tokens**2, axis=-1, keepdims=True) + 1e-6)
+    h = p["gain"] * (p["norm"]["scale"] * h + p["norm"]["bias"])
+    h = jnp.tanh(h @ p["blocks"][0]["kernel"])
+    return jnp.mean((h @ p["head"]["kernel"] + p["head"]["bias"]) ** 2)
+
+
+def test_asam_weight_mask_selects_by_leaf_name():
+    mask = agsopt.sharpness.asam_weight_mask()(_vit_like())
+    assert mask == {
+        "embed": {"embedding": True},
+        "cls_token": False,
+        "norm": {"scale": True, "bias": False},
+        "gain": False,
+        "head": {"kernel": True, "bias": False},
+        "blocks": [{"kernel": True}],
+    }
+    torch_named = {"conv1": {"weight": jnp.ones(2), "bias": jnp.ones(2)}, "gain": jnp.ones(2)}
+    assert agsopt.sharpness.asam_weight_mask()(torch_named) == {
+        "conv1": {"weight": True, "bias": False},
+        "gain": False,
+    }
+    custom = agsopt.sharpness.asam_weight_mask(["gain"])(torch_named)
+    assert custom == {"conv1": {"weight": False, "bias": False}, "gain": True}
+
+
+def test_asam_weight_mask_reproduces_the_samsunglabs_ascent_step():
+    """SamsungLabs/ASAM ``ascent_step``, written out in float64: ``T = |w| + η`` where
+    ``'weight' in name`` (Flax: kernel, scale, embedding), ``T = 1`` on every other leaf —
+    the gain and the cls_token included —, ``ε = ρ T² g/(‖T g‖ + 1e-16)``."""
+    params = _vit_like()
+    rho, eta = 0.5, 0.01
+    scaled = {"embedding", "scale", "kernel"}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    g = jax.tree.leaves(jax.grad(_vit_loss)(params))
+    w = [np.asarray(x, np.float64) for _, x in flat]
+    names = [str(getattr(path[-1], "key", "")) for path, _ in flat]
+    t = [
+        np.abs(wi) + eta if n in scaled else np.ones_like(wi)
+        for wi, n in zip(w, names, strict=True)
+    ]
+    tg = [ti * np.asarray(gi, np.float64) for ti, gi in zip(t, g, strict=True)]
+    norm = np.sqrt(sum(np.sum(x**2) for x in tg)) + 1e-16
+    point = [wi + rho * ti * tgi / norm for wi, ti, tgi in zip(w, t, tg, strict=True)]
+    point = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x, jnp.float32) for x in point])
+    expected = jax.grad(_vit_loss)(point)
+
+    mask = agsopt.sharpness.asam_weight_mask()
+    opt = agsopt.sam(rho, adaptive=True, eta=eta, eps=1e-16, adaptive_mask=mask)
+    got, _ = opt.update(jax.grad(_vit_loss)(params), opt.init(params), params, value_fn=_vit_loss)
+    _close(got, expected, rtol=2e-5, atol=1e-7)
+
+    # a "not a bias" mask scales the gain and the cls_token too: another ascent point
+    not_bias = lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) != "bias", p
+    )
+    other = agsopt.sam(rho, adaptive=True, eta=eta, eps=1e-16, adaptive_mask=not_bias)
+    wrong, _ = other.update(
+        jax.grad(_vit_loss)(params), other.init(params), params, value_fn=_vit_loss
+    )
+    assert np.max(np.abs(np.asarray(wrong["gain"]) - np.asarray(expected["gain"]))) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "names, error",
+    [("weight", TypeError), ([], ValueError), (["kernel", 3], TypeError), (None, TypeError)],
+)
+def test_asam_weight_mask_checks_names(names, error):
+    with pytest.raises(error, match="names"):
+        agsopt.sharpness.asam_weight_mask(names)

@@ -37,7 +37,7 @@ from agsopt.sharpness._perturbation import (
     perturbed_gradient,
     sam_perturbation,
 )
-from agsopt.sharpness._sam import SAMState, sam
+from agsopt.sharpness._sam import SAMState, asam_weight_mask, sam
 from agsopt.sharpness._vsam import (
     VSAMState,
     vsam,
@@ -57,6 +57,7 @@ __all__ = [
     "BSAMState",
     "SAMState",
     "VSAMState",
+    "asam_weight_mask",
     "ausam",
     "ausam_adlp",
     "ausam_f_max",

@@ -31,7 +31,8 @@ from agsopt.sharpness._perturbation import (
     perturbed_gradient,
     radius_at,
 )
-from agsopt.tree_utils import accumulation_dtype, tree_norm, tree_scale
+from agsopt.sharpness._sam import count_skip, radius_is_static, radius_is_valid, skip_unless
+from agsopt.tree_utils import accumulation_dtype, tree_all_finite, tree_norm, tree_scale
 
 PyTree = Any
 StepFrom = Literal["params", "min_point"]
@@ -40,10 +41,20 @@ __all__ = ["BSAMState", "bsam", "bsam_reference_schedules", "bsam_rho_min_schedu
 
 
 class BSAMState(NamedTuple):
-    """State of :func:`bsam`: the step count (the argument of ρ schedules) and the state of
-    the wrapped ``base`` optimizer (an empty tuple when there is none)."""
+    """State of :func:`bsam`.
+
+    Attributes:
+      count: the number of steps taken (the argument of ρ schedules).
+      num_skipped: steps skipped — zero update, ``base``'s state kept — because a scheduled
+        or injected ρ was not finite and ≥ 0 (nothing is evaluated then), or, with
+        ``step_from="min_point"``, because the direction ``d`` or the shift ``−ρ_min ĝ`` was
+        not finite.
+      base_state: the state of the wrapped ``base`` optimizer (an empty tuple when there is
+        none).
+    """
 
     count: jax.Array
+    num_skipped: jax.Array
     base_state: Any = ()
 
 
@@ -181,6 +192,18 @@ def bsam(
       rate 0 the parameters move by ``−ρ_min ĝ``). This needs ``base``: the whole base
       optimizer, weight decay included, wrapped by ``bsam``.
 
+    Non-finite values. With ``step_from="min_point"`` the shift ``−ρ_min ĝ`` is applied by
+    ``bsam`` itself, outside any guard around ``base``, and ``optax.apply_if_finite`` around
+    ``bsam`` checks only the incoming ``g``. So this mode guards itself: a step whose ``d``
+    (a NaN or inf at either perturbed point, or in ``g``) or shift is not finite is
+    skipped — zero update, ``base``'s state (its momentum) kept — and counted in
+    ``state.num_skipped``; ``optax.apply_if_finite`` on either side is then optional.
+    With ``step_from="params"`` a non-finite ``d`` is passed on as the update: wrap the
+    base optimizer, ``optax.apply_if_finite(optax.sgd(lr), 5)``, to skip such steps.
+    In both modes a ρ (scheduled or injected) that is not finite and ≥ 0 at a step skips
+    that step: zero update, nothing evaluated, ``base``'s state kept, counted in
+    ``state.num_skipped``.
+
     The reference recipe, exact step for step (its ρ_min timing included)::
 
         lr, rho_min = agsopt.bsam_reference_schedules(epochs * steps_per_epoch)
@@ -203,7 +226,8 @@ def bsam(
     Args:
       rho_max: radius of the ascent point (≥ 0), a number or a schedule ``count -> ρ``.
       rho_min: radius of the descent point (≥ 0), a number or a schedule ``count -> ρ``
-        (evaluated at this transformation's own step count, starting at 0).
+        (evaluated at this transformation's own step count, starting at 0). Schedules
+        are checked at count 0 at construction and at every step (see above).
       eps: added to ‖g‖ so that a zero gradient gives finite updates.
       axis_name: m-sharpness under ``shard_map``/``pmap``/named ``vmap``. Pass the *local*
         (un-reduced) gradient: each shard normalizes its own ``g``, evaluates its own
@@ -233,10 +257,12 @@ def bsam(
             "of it cannot arrange"
         )
     inner = None if base is None else optax.with_extra_args_support(base)
+    static = radius_is_static(rho_max) and radius_is_static(rho_min)
 
     def init_fn(params: PyTree) -> BSAMState:
         base_state = () if inner is None else inner.init(params)
-        return BSAMState(count=jnp.zeros((), jnp.int32), base_state=base_state)
+        zero = jnp.zeros((), jnp.int32)
+        return BSAMState(count=zero, num_skipped=zero, base_state=base_state)
 
     def update_fn(
         updates: PyTree,
@@ -251,48 +277,75 @@ def bsam(
             raise TypeError("agsopt.bsam: update() needs params")
         r_max = radius_at(rho_max, state.count)
         r_min = radius_at(rho_min, state.count)
-
         g_norm = tree_norm(updates) + eps
-        to_max = tree_scale(r_max / g_norm, updates)  # ρ_max ĝ
-        to_min = tree_scale(-r_min / g_norm, updates)  # −ρ_min ĝ, the same ĝ
-        g_max = perturbed_gradient(value_fn, params, to_max)
-        g_min = perturbed_gradient(value_fn, params, to_min)
-        max_norm, min_norm = tree_norm(g_max), tree_norm(g_min)
-        ratio = jnp.where(min_norm > 0, max_norm / jnp.where(min_norm > 0, min_norm, 1), 0)
+        to_min = tree_scale(-r_min / g_norm, updates)  # −ρ_min ĝ, the same ĝ as ρ_max ĝ
 
-        def combine(gmax: jax.Array, g: jax.Array, gmin: jax.Array) -> jax.Array:
-            acc = accumulation_dtype(g.dtype)
-            d = gmax.astype(acc) + g.astype(acc) - ratio.astype(acc) * gmin.astype(acc)
-            return d.astype(g.dtype)
+        def bilateral_direction() -> PyTree:
+            to_max = tree_scale(r_max / g_norm, updates)  # ρ_max ĝ
+            g_max = perturbed_gradient(value_fn, params, to_max)
+            g_min = perturbed_gradient(value_fn, params, to_min)
+            max_norm, min_norm = tree_norm(g_max), tree_norm(g_min)
+            ratio = jnp.where(min_norm > 0, max_norm / jnp.where(min_norm > 0, min_norm, 1), 0)
 
-        direction = jax.tree.map(combine, g_max, updates, g_min)
+            def combine(gmax: jax.Array, g: jax.Array, gmin: jax.Array) -> jax.Array:
+                acc = accumulation_dtype(g.dtype)
+                d = gmax.astype(acc) + g.astype(acc) - ratio.astype(acc) * gmin.astype(acc)
+                return d.astype(g.dtype)
+
+            return jax.tree.map(combine, g_max, updates, g_min)
+
+        rho_ok = None if static else radius_is_valid(r_max, r_min)
+        direction, ok = skip_unless(rho_ok, bilateral_direction, static)
         direction = mean_over_shards(direction, axis_name)
         count = optax.safe_increment(state.count)
+
+        def guarded(step: Callable[[], tuple[PyTree, Any]]) -> tuple[PyTree, Any]:
+            """``step()`` when ``ok``; else zero updates and ``base``'s state kept."""
+            updates_shape, state_shape = jax.eval_shape(step)
+
+            def skipped() -> tuple[PyTree, Any]:
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), updates_shape)
+                kept = jax.tree.map(lambda x, s: x.astype(s.dtype), state.base_state, state_shape)
+                return zeros, kept
+
+            return jax.lax.cond(ok, step, skipped)
+
         if inner is None:
-            return direction, BSAMState(count=count, base_state=())
+            return direction, BSAMState(count, count_skip(state.num_skipped, ok), ())
 
         if step_from == "params":
-            base_updates, base_state = inner.update(
-                direction, state.base_state, params, value_fn=value_fn, **extra_args
-            )
-            return base_updates, BSAMState(count=count, base_state=base_state)
 
+            def step_params() -> tuple[PyTree, Any]:
+                return inner.update(
+                    direction, state.base_state, params, value_fn=value_fn, **extra_args
+                )
+
+            base_updates, base_state = step_params() if static else guarded(step_params)
+            return base_updates, BSAMState(count, count_skip(state.num_skipped, ok), base_state)
+
+        # "min_point": the shift is applied here, outside any guard around base, so the
+        # step is taken only when both the shift and d are finite (and ρ valid)
         shift = mean_over_shards(to_min, axis_name)
-        min_point = jax.tree.map(
-            lambda w, s: (w.astype(accumulation_dtype(w.dtype)) + s).astype(w.dtype),
-            params,
-            shift,
-        )
-        base_updates, base_state = inner.update(
-            direction, state.base_state, min_point, value_fn=value_fn, **extra_args
-        )
+        ok = ok & tree_all_finite(direction) & tree_all_finite(shift)
 
-        def total(w: jax.Array, w_min: jax.Array, u: jax.Array) -> jax.Array:
-            acc = accumulation_dtype(w.dtype)
-            moved = (w_min.astype(acc) - w.astype(acc)) + u.astype(acc)
-            return moved.astype(u.dtype)
+        def step_min_point() -> tuple[PyTree, Any]:
+            min_point = jax.tree.map(
+                lambda w, s: (w.astype(accumulation_dtype(w.dtype)) + s).astype(w.dtype),
+                params,
+                shift,
+            )
+            base_updates, base_state = inner.update(
+                direction, state.base_state, min_point, value_fn=value_fn, **extra_args
+            )
 
-        final = jax.tree.map(total, params, min_point, base_updates)
-        return final, BSAMState(count=count, base_state=base_state)
+            def total(w: jax.Array, w_min: jax.Array, u: jax.Array) -> jax.Array:
+                acc = accumulation_dtype(w.dtype)
+                moved = (w_min.astype(acc) - w.astype(acc)) + u.astype(acc)
+                return moved.astype(u.dtype)
+
+            return jax.tree.map(total, params, min_point, base_updates), base_state
+
+        final, base_state = guarded(step_min_point)
+        return final, BSAMState(count, count_skip(state.num_skipped, ok), base_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -562,7 +562,8 @@ def vsam(
     else:
         raise ValueError(
             "vsam needs steps_per_epoch (the warm-up is warmup_epochs=3 epochs of SAM steps, "
-            "as in the reference) or an explicit warmup_steps"
+            "as in the reference) or an explicit warmup_steps (changed in agsopt 0.2.0: the "
+            "warm-up no longer defaults to 2 * window steps; warmup_steps=2 * window keeps it)"
         )
     window = validation.check_int("window", window, minimum=2)
     var_blocks = validation.check_int("var_blocks", var_blocks, minimum=1)

@@ -44,6 +44,12 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _preset(text: str) -> str:
+    if text == "paper":
+        raise argparse.ArgumentTypeError("'paper' was renamed 'd100' in agsopt 0.2.0")
+    return text
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -93,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--preset",
+        type=_preset,
         choices=sorted(PRESETS),
         default="default",
         help=(

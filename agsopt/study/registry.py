@@ -312,7 +312,18 @@ def build_optimizer(
     registry = OPTIMIZERS if registry is None else registry
     if name not in registry:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(registry)}")
-    return registry[name](dim, function, jax.random.key(0) if key is None else key)
+    key = jax.random.key(0) if key is None else key
+    try:
+        inspect.signature(registry[name]).bind(dim, function, key)
+    except TypeError as err:  # a factory written for agsopt 0.1
+        raise TypeError(
+            f"optimizer {name!r}: a factory takes (dim, function, key) since agsopt 0.2.0 "
+            "(it took (dim, function)); build a stochastic optimizer with that key, "
+            f"e.g. lambda dim, fn, key: ags_spec(..., key=key) ({err})"
+        ) from err
+    except ValueError:  # no signature to inspect: call it as it is
+        pass
+    return registry[name](dim, function, key)
 
 
 def optimizer_names() -> list[str]:
