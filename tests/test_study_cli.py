@@ -3,11 +3,18 @@ the same folder, a study from another configuration, broken files and disks (iss
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import jax
+import pytest
+
+from agsopt import study
+from agsopt.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,3 +58,188 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
     assert "interrupted: 1 of 2 runs finished" in err
     assert "--resume" in err and "Segmentation" not in err and "Traceback" not in err
     assert [p.name for p in (out / "runs").iterdir()] == ["rastrigin__gd.json"]
+
+
+# --------------------------------------------------------------------------------------
+# In-process: resume checks every run file, unusable files, unwritable disks, the lock
+# --------------------------------------------------------------------------------------
+
+SMALL = ["study", "--dim", "2", "--starts", "2", "--iterations", "10", "--record-every", "2"]
+SMALL += ["--functions", "sphere", "--optimizers", "gd,adam", "--no-progress", "--no-plots"]
+
+
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag``'s value replaced."""
+    out = list(argv)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def _interrupted(tmp_path, monkeypatch, name: str = "out", argv=SMALL):
+    """A folder with study.json and the first of the two runs (Ctrl-C at the second)."""
+    from agsopt.study import runner
+
+    original, calls = runner.run_starts, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_starts", interrupt_second)
+    out = tmp_path / name
+    assert main([*argv, "--out", str(out)]) == 130
+    monkeypatch.setattr(runner, "run_starts", original)
+    assert [p.name for p in (out / "runs").iterdir()] == ["sphere__gd.json"]
+    return out
+
+
+def _exit_code(argv) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_resume_refuses_a_run_file_of_another_study(tmp_path, monkeypatch, capsys):
+    """Issue #18.4: run files of a study with more starts were merged into the tables."""
+    out = _interrupted(tmp_path, monkeypatch)
+    more = _with(SMALL, "--starts", "3")
+    other = tmp_path / "other"
+    assert main([*more, "--out", str(other)]) == 0
+    foreign = other / "runs" / "sphere__gd.json"
+    (out / "runs" / "sphere__gd.json").write_bytes(foreign.read_bytes())
+    capsys.readouterr()
+    assert _exit_code([*SMALL, "--out", str(out), "--resume"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(out / "runs" / "sphere__gd.json") in line
+    assert "starts: file has 3, asked for 2" in line and "--overwrite" in line
+    assert not (out / "results.csv").exists()
+    # the study's own file carries its settings, x64 included, and resumes
+    (out / "runs" / "sphere__gd.json").unlink()
+    assert main([*SMALL, "--out", str(out), "--resume"]) == 0
+    saved = json.loads((out / "runs" / "sphere__adam.json").read_text())["settings"]
+    assert saved["starts"] == 2 and saved["x64"] is False
+    assert json.loads((out / "study.json").read_text())["x64"] is False
+
+
+def test_resume_refuses_a_switch_to_x64(tmp_path, monkeypatch):
+    """Issue #18.4: resuming under JAX_ENABLE_X64 mixed float64 runs into a float32 study."""
+    out = _interrupted(tmp_path, monkeypatch)
+    config = study.StudyConfig(
+        functions=("sphere",), optimizers=("gd", "adam"), dim=2, starts=2, iterations=10
+    ).override(record_every=2)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        with pytest.raises(ValueError, match="x64: folder has False, asked for True"):
+            study.prepare_folder(out, config, resume=True)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert study.prepare_folder(out, config, resume=True).keys() == {("sphere", "gd")}
+
+
+def test_unusable_files_are_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """Issue #18.10: a corrupt run file or study.json gave a bare JSON error, a study.json
+    without its settings a KeyError."""
+    out = _interrupted(tmp_path, monkeypatch)
+    run_file = out / "runs" / "sphere__gd.json"
+    run_file.write_text(run_file.read_text()[:40])  # truncated
+    manifest = (out / "study.json").read_text()
+    capsys.readouterr()
+    assert _exit_code([*SMALL, "--out", str(out), "--resume"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(run_file) in line and "not a readable run file" in line and "delete it" in line
+    run_file.unlink()
+    for broken, what in (("{not json", "not readable JSON"), ('{"x64": false}', "no study")):
+        (out / "study.json").write_text(broken)
+        assert _exit_code([*SMALL, "--out", str(out), "--resume"]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert str(out / "study.json") in line and what in line and "--overwrite" in line
+    (out / "study.json").write_text(manifest)
+    assert main([*SMALL, "--out", str(out), "--resume"]) == 0
+
+
+def test_read_only_folder_one_line(tmp_path, monkeypatch, capsys):
+    """Issue #18.10: an unwritable --out printed a traceback."""
+    target = tmp_path / "readonly" / "out"
+    real = os.makedirs
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "readonly")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    assert _exit_code([*SMALL, "--out", str(target)]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"cannot write {target}: Permission denied" in line and "writable --out" in line
+
+
+FULL_DISK = """
+import resource, signal, sys
+from agsopt.study.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_full_disk_leaves_no_tmp_and_says_what_to_do(tmp_path):
+    """Issue #18.10: a full disk printed a traceback and left a .tmp run file. A file-size
+    limit makes every write past 1500 bytes fail as a full disk does: study.json fits, the
+    run files (20 starts) do not."""
+    out = tmp_path / "out"
+    argv = [*_with(SMALL, "--starts", "20"), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _one_line(proc.stderr)
+    assert f"cannot write {out / 'runs' / 'sphere__gd.json'}: " in line
+    assert "File too large" in line and "make room" in line
+    leftovers = [str(p) for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+    assert (out / "study.json").exists() and not (out / study.LOCK).exists()
+
+
+def test_a_second_study_cannot_write_the_same_folder(tmp_path, capsys):
+    """Issue #18.6: two --overwrite studies in one --out both exited 0, mixing their files."""
+    out = tmp_path / "out"
+    first = [sys.executable, "-m", "agsopt", "study", "--out", str(out), "--no-plots"]
+    first += ["--no-progress", "--functions", "sphere", "--optimizers", "gd,igs-gd"]
+    first += ["--dim", "10", "--starts", "4", "--iterations", "2000", "--overwrite"]
+    proc = subprocess.Popen(
+        first, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "study.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _exit_code([*SMALL, "--out", str(out), "--overwrite"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"{out} is being written by another study" in line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    result = study.read_results(out)  # the first study's files, whole
+    assert result.config.dim == 10 and result.config.optimizers == ("gd", "igs-gd")
+    assert not (out / study.LOCK).exists()
+    assert main([*SMALL, "--out", str(out), "--overwrite"]) == 0  # free again
+    # the lock is the process's: held here, refused; released, granted
+    with study.lock_folder(out):
+        with pytest.raises(study.FolderLockedError, match="another study"):
+            with study.lock_folder(out):
+                pass
+    with study.lock_folder(out):
+        pass

@@ -37,6 +37,20 @@ _STYLES = {
 }
 
 
+def _save_atomically(fig: Any, path: str | os.PathLike[str]) -> None:
+    """``fig.savefig(path)`` through a temporary file, removed if saving fails."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    suffix = os.path.splitext(path)[1].lstrip(".") or None
+    try:
+        fig.savefig(tmp, dpi=110, format=suffix)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def require_matplotlib() -> None:
     """Raise ImportError with an install hint (:data:`MATPLOTLIB_HINT`) if matplotlib is
     missing."""
@@ -125,6 +139,6 @@ def plot_study(
     fig.suptitle(title or f"d = {cfg.dim}, {cfg.starts} starts: median and 25–75 % band")
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=110)
+        _save_atomically(fig, path)
         plt.close(fig)
     return fig
