@@ -243,3 +243,22 @@ def test_a_second_study_cannot_write_the_same_folder(tmp_path, capsys):
                 pass
     with study.lock_folder(out):
         pass
+
+
+def test_rule_table_ratios_keep_significant_digits():
+    """Issue #20.8: ratios were printed with two decimals, 0.00 for 3e-5 and 127699.70."""
+    import numpy as np
+
+    config = study.StudyConfig(
+        functions=("sphere",), optimizers=("gd:isotropic", "gd:a", "gd:b", "gd:c"), iterations=1
+    )
+    runs = [
+        study.RunResult("sphere", name, "", 1, np.arange(2), v, v, None, 0.0)
+        for name, v in zip(
+            config.optimizers,
+            (np.full((1, 2), f) for f in (2.0, 6e-5, 255399.4, 1.0)),
+            strict=True,
+        )
+    ]
+    row = study.rule_table(study.StudyResult(config, runs, {}), iqr=False).splitlines()[2]
+    assert row.split(" | ")[-3:] == ["3.00e-05", "1.28e+05", "0.5 |"]
