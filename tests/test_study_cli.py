@@ -262,3 +262,33 @@ def test_rule_table_ratios_keep_significant_digits():
     ]
     row = study.rule_table(study.StudyResult(config, runs, {}), iqr=False).splitlines()[2]
     assert row.split(" | ")[-3:] == ["3.00e-05", "1.28e+05", "0.5 |"]
+
+
+def test_readme_study_commands_run_in_order():
+    """Issue #20.5: the README's study block stopped at a command whose folder an earlier
+    one (or the set-up command) had filled. Replay the folders each command writes."""
+    import shlex
+
+    from markdown_blocks import ROOT as DOCS_ROOT
+    from markdown_blocks import code_blocks
+
+    from agsopt.study.cli import _parser, output_folder
+
+    text = (DOCS_ROOT / "README.md").read_text()
+    setup = next(b for b in code_blocks(text) if "[study]" in b.code and "agsopt study" in b.code)
+    block = next(b for b in code_blocks(text) if "agsopt study --preset d100" in b.code)
+    written = {"results/study"} if "python3 -m agsopt study" in setup.code else set()
+    checked = 0
+    for line in block.code.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:3] != ["python", "-m", "agsopt"] or words[3] not in ("study", "rules"):
+            continue
+        args = _parser().parse_args(words[3:])
+        out = os.path.normpath(output_folder(args))
+        if out in written:
+            assert args.overwrite or args.resume, f"{line!r} would find {out} filled"
+        elif args.resume:
+            raise AssertionError(f"{line!r} resumes {out}, which no earlier command wrote")
+        written.add(out)
+        checked += 1
+    assert checked >= 4

@@ -32,7 +32,13 @@ from agsopt.study.output import (
 )
 from agsopt.study.plotting import require_matplotlib
 from agsopt.study.profile import profile_step
-from agsopt.study.registry import OPTIMIZERS, function_names, rule_registry
+from agsopt.study.registry import (
+    OPTIMIZERS,
+    function_names,
+    is_tuned,
+    resolve_function,
+    rule_registry,
+)
 from agsopt.study.results import StudyResult, _replace_atomically
 from agsopt.study.rules import DEFAULT_RULES, RULE_FUNCTIONS, rule_table
 from agsopt.study.runner import run_study
@@ -117,7 +123,13 @@ def _parser() -> argparse.ArgumentParser:
             "ackley, griewank, levy, michalewicz"
         ),
     )
-    run.add_argument("--functions", type=_names, help="comma-separated test-function names")
+    run.add_argument(
+        "--functions",
+        type=_names,
+        help="comma-separated test-function names, or module:attribute for your own "
+        "agsopt.functions.TestFunction in an importable module (its settings are derived "
+        "from its box, not tuned)",
+    )
     run.add_argument("--optimizers", type=_names, help="comma-separated optimizer names")
     run.add_argument("--dim", type=int, help="dimension d")
     run.add_argument("--starts", type=int, help="random starts per function")
@@ -160,6 +172,16 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--num-samples", type=int, default=128)
     prof.add_argument("--starts", type=int, default=20)
     return parser
+
+
+def output_folder(args: argparse.Namespace) -> str:
+    """The folder a ``study`` or ``rules`` command writes: ``--out``, else ``results/study``
+    for the default preset, ``results/<preset>`` for another, ``results/rules``."""
+    if args.out:
+        return args.out
+    if args.command == "rules":
+        return os.path.join("results", "rules")
+    return os.path.join("results", "study" if args.preset == "default" else args.preset)
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -231,6 +253,18 @@ def _print_paths(result: StudyResult, paths: dict[str, str]) -> None:
         print(f"{kind:>17}: {path}")
 
 
+def _note_untuned(config: StudyConfig) -> None:
+    """Say which functions run with settings derived from their box (not tuned)."""
+    untuned = [n for n in config.functions if not is_tuned(resolve_function(n, config.dim))]
+    if untuned:
+        print(
+            f"note: {', '.join(untuned)}: no tuned settings; GD forms use lr = 1/L̂ (the "
+            "largest curvature seen on random lines through the box), Adam forms lr and σ "
+            "in proportion to the box width (see agsopt.study.registry)",
+            file=sys.stderr,
+        )
+
+
 def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.list:
         print("functions:", ", ".join(function_names()))
@@ -249,8 +283,12 @@ def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
         record_every=args.record_every,
         key_impl=args.key_impl,
     )
-    config.validate()
-    out = args.out or os.path.join("results", "study" if args.preset == "default" else args.preset)
+    try:
+        config.validate()
+    except TypeError as error:  # --functions module:attribute that is not a TestFunction
+        raise ValueError(str(error)) from None
+    _note_untuned(config)
+    out = output_folder(args)
     done = _run_in_folder(args, argv, out, config, lambda **kw: run_study(config=config, **kw))
     if done is None:
         return INTERRUPTED
@@ -275,7 +313,7 @@ def _rules(args: argparse.Namespace, argv: Sequence[str]) -> int:
         iterations=args.iterations,
         seed=args.seed,
     ).validate(registry)
-    out = args.out or os.path.join("results", "rules")
+    out = output_folder(args)
 
     def write_table(result: StudyResult, paths: dict[str, str]) -> None:
         paths["rules"] = os.path.join(out, "rules.md")
