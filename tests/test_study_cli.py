@@ -292,3 +292,29 @@ def test_readme_study_commands_run_in_order():
         written.add(out)
         checked += 1
     assert checked >= 4
+
+
+def test_default_plot_tells_every_optimizer_apart(tmp_path):
+    """Issue #20.5: the default plot hid gd under adam (equal values, same dotted line)."""
+    import numpy as np
+
+    config = study.PRESETS["default"]
+    runs = [  # every optimizer with the same values: only the styles can tell them apart
+        study.RunResult(function, name, "", 1, np.arange(3), v, v, None, 0.0)
+        for function in config.functions
+        for name, v in ((name, np.ones((2, 3))) for name in config.optimizers)
+    ]
+    from agsopt.study.plotting import plot_study
+
+    figure = plot_study(study.StudyResult(config, runs, {}), None)
+    for ax in figure.axes[: len(config.functions)]:
+        lines = ax.get_lines()
+        assert [line.get_label() for line in lines] == list(config.optimizers)
+        styles = {(line.get_linestyle(), line.get_marker()) for line in lines}
+        markers = {line.get_marker() for line in lines}
+        assert len(styles) == len(markers) == len(config.optimizers)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    # the default study shows what smoothing is for: multimodal functions only
+    assert set(config.functions) == {"rastrigin", "ackley", "levy"}

@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help=(
             "default: d=10, 10 starts, 1000 iterations on rastrigin, ackley, "
-            "rotated_ellipsoid; d100: d=100, 20 starts, 3000 iterations on rastrigin, "
+            "levy; d100: d=100, 20 starts, 3000 iterations on rastrigin, "
             "ackley, griewank, levy, michalewicz"
         ),
     )

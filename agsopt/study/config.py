@@ -74,7 +74,7 @@ class StudyConfig:
       key_impl: the PRNG implementation of the starts' noise keys (and of the AGS keys).
     """
 
-    functions: tuple[str, ...] = ("rastrigin", "ackley", "rotated_ellipsoid")
+    functions: tuple[str, ...] = ("rastrigin", "ackley", "levy")
     optimizers: tuple[str, ...] = ("ags-gd", "igs-gd", "gd", "ags-adam", "igs-adam", "adam")
     dim: int = 10
     starts: int = 10
@@ -184,7 +184,11 @@ PRESETS: dict[str, StudyConfig] = {
     ),
 }
 """Named study settings. ``default`` (``python -m agsopt study``): d = 10, 10 starts,
-1000 steps on Rastrigin, Ackley and the rotated ellipsoid, all six optimizers. ``d100``:
+1000 steps on Rastrigin, Ackley and Levy, all six optimizers: three multimodal functions
+where GD and Adam stop in a local minimum and smoothing does not (the settings are the
+registry's documented ones, none chosen for this study; Levy is not symmetric about its
+minimizer, so both smoothed forms keep a smoothing bias there after 1000 steps). The rotated
+ellipsoid, where smoothing buys nothing, is in the notebook. ``d100``:
 d = 100, 20 starts, 3000 steps on five multimodal functions (Rastrigin, Ackley, Griewank,
 Levy, Michalewicz; Schwefel is left out: its minimizer lies near the box's corner and f is
 unbounded below outside the box, so unconstrained methods would be judged by how far they
