@@ -23,6 +23,15 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 
 
+AS_FROM_A_TERMINAL = """
+import runpy, signal, sys
+# a child of a non-interactive shell may inherit SIGINT ignored: handle it as a terminal does
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["agsopt", *sys.argv[1:]]
+runpy.run_module("agsopt", run_name="__main__", alter_sys=True)  # python -m agsopt ...
+"""
+
+
 def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
     """Issue #18.11: Ctrl-C printed the resume command and then segfaulted (exit 139).
 
@@ -32,9 +41,10 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
     has been lowered, during its XLA compilation (seconds long).
     """
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "agsopt", "study", "--out", str(out), "--no-plots"]
-    command += ["--no-progress", "--functions", "rastrigin", "--optimizers", "gd,ags-gd"]
-    command += ["--dim", "10", "--starts", "2", "--iterations", "2000"]
+    command = [sys.executable, "-c", AS_FROM_A_TERMINAL, "study", "--out", str(out)]
+    command += ["--no-plots", "--no-progress", "--functions", "rastrigin"]
+    command += ["--optimizers", "gd,ags-gd", "--dim", "10", "--starts", "2"]
+    command += ["--iterations", "2000"]
     proc = subprocess.Popen(
         command,
         cwd=tmp_path,
@@ -42,8 +52,6 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # a child of a non-interactive shell may inherit SIGINT ignored: restore the default
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lowered = 0
     for line in proc.stderr:  # the second run's (AGS-GD's) step function goes to XLA
