@@ -5,7 +5,10 @@
 then CSV, JSON, a Markdown table and PNG plots to ``results/study/``, and prints the final
 medians and where the files went. An existing output folder is refused unless
 ``--overwrite`` (replace its study outputs) or ``--resume`` (skip the runs it already
-holds); on Ctrl-C the finished runs are kept and the command to resume is printed.
+holds); on Ctrl-C the finished runs are kept and the command to resume is printed. A
+second study cannot write a folder while one does (:func:`~agsopt.study.output.lock_folder`);
+an unusable file or an unwritable disk ends the command with one line naming the file and
+what to do.
 ``python -m agsopt rules`` compares AGS covariance rules against IGS at equal evaluations
 (same folder handling); ``python -m agsopt profile`` times one AGS step against its
 evaluations and random numbers.
@@ -20,11 +23,23 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agsopt.study.config import KEY_IMPLS, MAX_SEED, PRESETS, StudyConfig
-from agsopt.study.output import OutputExistsError, prepare_folder, save_run, write_results
+from agsopt.study.output import (
+    OutputExistsError,
+    lock_folder,
+    prepare_folder,
+    save_run,
+    write_results,
+)
 from agsopt.study.plotting import require_matplotlib
 from agsopt.study.profile import profile_step
-from agsopt.study.registry import OPTIMIZERS, function_names, rule_registry
-from agsopt.study.results import StudyResult
+from agsopt.study.registry import (
+    OPTIMIZERS,
+    function_names,
+    is_tuned,
+    resolve_function,
+    rule_registry,
+)
+from agsopt.study.results import StudyResult, _replace_atomically
 from agsopt.study.rules import DEFAULT_RULES, RULE_FUNCTIONS, rule_table
 from agsopt.study.runner import run_study
 
@@ -32,6 +47,13 @@ __all__ = ["main"]
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+IO_FAILED = 1
+"""Exit status when a file cannot be written (full or read-only disk)."""
+
+
+class _WriteFailed(Exception):
+    """An OSError while writing the output folder, with the message to print."""
 
 
 def _version() -> str:
@@ -104,11 +126,17 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help=(
             "default: d=10, 10 starts, 1000 iterations on rastrigin, ackley, "
-            "rotated_ellipsoid; d100: d=100, 20 starts, 3000 iterations on rastrigin, "
+            "levy; d100: d=100, 20 starts, 3000 iterations on rastrigin, "
             "ackley, griewank, levy, michalewicz"
         ),
     )
-    run.add_argument("--functions", type=_names, help="comma-separated test-function names")
+    run.add_argument(
+        "--functions",
+        type=_names,
+        help="comma-separated test-function names, or module:attribute for your own "
+        "agsopt.functions.TestFunction in an importable module (its settings are derived "
+        "from its box, not tuned)",
+    )
     run.add_argument("--optimizers", type=_names, help="comma-separated optimizer names")
     run.add_argument("--dim", type=int, help="dimension d")
     run.add_argument("--starts", type=int, help="random starts per function")
@@ -153,6 +181,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_folder(args: argparse.Namespace) -> str:
+    """The folder a ``study`` or ``rules`` command writes: ``--out``, else ``results/study``
+    for the default preset, ``results/<preset>`` for another, ``results/rules``."""
+    if args.out:
+        return args.out
+    if args.command == "rules":
+        return os.path.join("results", "rules")
+    return os.path.join("results", "study" if args.preset == "default" else args.preset)
+
+
 def _resume_command(argv: Sequence[str]) -> str:
     args = [a for a in argv if a != "--overwrite"]
     if "--resume" not in args:
@@ -166,40 +204,72 @@ def _run_in_folder(
     out: str,
     config: StudyConfig,
     run: Callable[..., StudyResult],
-) -> StudyResult | None:
-    """Check the plot dependency, prepare ``out``, run with one file per finished run.
+    extra: Callable[[StudyResult, dict[str, str]], None] | None = None,
+) -> tuple[StudyResult, dict[str, str]] | None:
+    """Check the plot dependency, lock and prepare ``out``, run with one file per finished
+    run, write the results (and ``extra``'s files) while still holding the lock.
 
-    Returns None after Ctrl-C (the finished runs stay in ``out/runs/``, the command to
-    resume is printed).
+    Returns the result and the written paths, or None after Ctrl-C (the finished runs stay
+    in ``out/runs/``, the command to resume is printed). An OSError while writing becomes
+    :class:`_WriteFailed` with one line naming the file and what to do.
     """
     if not args.no_plots:
         require_matplotlib()
-    completed = prepare_folder(out, config, overwrite=args.overwrite, resume=args.resume)
     total = len(config.functions) * len(config.optimizers)
-    if completed:
-        print(f"resuming in {out}: {len(completed)} of {total} runs already finished")
-    done = len(completed)
-
-    def on_run(result) -> None:
-        nonlocal done
-        save_run(out, result)
-        done += 1
-
+    done = 0
     try:
-        return run(completed=completed, on_run=on_run, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: {done} of {total} runs finished and kept in "
-            f"{os.path.join(out, 'runs')}; resume with\n  {_resume_command(argv)}",
-            file=sys.stderr,
-        )
-        return None
+        with lock_folder(out):
+            completed = prepare_folder(out, config, overwrite=args.overwrite, resume=args.resume)
+            if completed:
+                print(f"resuming in {out}: {len(completed)} of {total} runs already finished")
+            done = len(completed)
+
+            def on_run(result) -> None:
+                nonlocal done
+                save_run(out, result, config)
+                done += 1
+
+            try:
+                result = run(completed=completed, on_run=on_run, progress=not args.no_progress)
+            except KeyboardInterrupt:
+                print(
+                    f"\ninterrupted: {done} of {total} runs finished and kept in "
+                    f"{os.path.join(out, 'runs')}; resume with\n  {_resume_command(argv)}",
+                    file=sys.stderr,
+                )
+                return None
+            paths = write_results(result, out, plots=not args.no_plots)
+            if extra is not None:
+                extra(result, paths)
+            return result, paths
+    except OutputExistsError:
+        raise
+    except OSError as error:
+        target = error.filename or out
+        kept = f"the {done} finished runs stay in {os.path.join(out, 'runs')}; " if done else ""
+        raise _WriteFailed(
+            f"cannot write {target}: {error.strerror or error}; {kept}make room on the disk "
+            f"(or choose a writable --out) and run again"
+            + (f": {_resume_command(argv)}" if done else "")
+        ) from None
 
 
 def _print_paths(result: StudyResult, paths: dict[str, str]) -> None:
     print(f"\nwall time {result.metadata['wall_seconds']:.1f} s")
     for kind, path in paths.items():
         print(f"{kind:>17}: {path}")
+
+
+def _note_untuned(config: StudyConfig) -> None:
+    """Say which functions run with settings derived from their box (not tuned)."""
+    untuned = [n for n in config.functions if not is_tuned(resolve_function(n, config.dim))]
+    if untuned:
+        print(
+            f"note: {', '.join(untuned)}: no tuned settings; GD forms use lr = 1/L̂ (the "
+            "largest curvature seen on random lines through the box), Adam forms lr and σ "
+            "in proportion to the box width (see agsopt.study.registry)",
+            file=sys.stderr,
+        )
 
 
 def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -220,12 +290,16 @@ def _study(args: argparse.Namespace, argv: Sequence[str]) -> int:
         record_every=args.record_every,
         key_impl=args.key_impl,
     )
-    config.validate()
-    out = args.out or os.path.join("results", "study" if args.preset == "default" else args.preset)
-    result = _run_in_folder(args, argv, out, config, lambda **kw: run_study(config=config, **kw))
-    if result is None:
+    try:
+        config.validate()
+    except TypeError as error:  # --functions module:attribute that is not a TestFunction
+        raise ValueError(str(error)) from None
+    _note_untuned(config)
+    out = output_folder(args)
+    done = _run_in_folder(args, argv, out, config, lambda **kw: run_study(config=config, **kw))
+    if done is None:
         return INTERRUPTED
-    paths = write_results(result, out, plots=not args.no_plots)
+    result, paths = done
     cfg = result.config
     print(
         f"\nd = {cfg.dim}, {cfg.starts} starts, {cfg.iterations} iterations: median final "
@@ -246,21 +320,24 @@ def _rules(args: argparse.Namespace, argv: Sequence[str]) -> int:
         iterations=args.iterations,
         seed=args.seed,
     ).validate(registry)
-    out = args.out or os.path.join("results", "rules")
-    result = _run_in_folder(
+    out = output_folder(args)
+
+    def write_table(result: StudyResult, paths: dict[str, str]) -> None:
+        paths["rules"] = os.path.join(out, "rules.md")
+        _replace_atomically(paths["rules"], rule_table(result) + "\n")
+
+    done = _run_in_folder(
         args,
         argv,
         out,
         config,
         lambda **kw: run_study(config=config, registry=registry, **kw),
+        write_table,
     )
-    if result is None:
+    if done is None:
         return INTERRUPTED
-    paths = write_results(result, out, plots=not args.no_plots)
+    result, paths = done
     table = rule_table(result)
-    paths["rules"] = os.path.join(out, "rules.md")
-    with open(paths["rules"], "w", encoding="utf-8") as f:
-        f.write(table + "\n")
     print(
         f"\nAGS-{args.form} by covariance rule, d = {args.dim}, {args.starts} starts, "
         f"{args.iterations} iterations: median final f − f* [25 %, 75 %]"
@@ -282,8 +359,9 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 with a message for bad arguments or a
-    refused output folder, 130 after Ctrl-C with the finished runs kept)."""
+    """Entry point; returns the exit status (2 with a message for bad arguments, a refused
+    or locked output folder or an unusable file in it; 1 when a file cannot be written;
+    130 after Ctrl-C with the finished runs kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
@@ -295,3 +373,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _profile(args)
     except (ValueError, ImportError, OutputExistsError) as error:
         parser.exit(2, f"python -m agsopt {args.command}: error: {error}\n")
+    except _WriteFailed as error:
+        parser.exit(IO_FAILED, f"python -m agsopt {args.command}: error: {error}\n")

@@ -28,13 +28,34 @@ FLOOR = 1e-16
 """Values of ``f − f*`` below this are drawn at it on the log scale (exact zeros included)."""
 
 _STYLES = {
-    "ags-gd": ("tab:red", "-"),
-    "igs-gd": ("tab:orange", "--"),
-    "gd": ("tab:gray", ":"),
-    "ags-adam": ("tab:blue", "-"),
-    "igs-adam": ("tab:cyan", "--"),
-    "adam": ("tab:green", ":"),
+    "ags-gd": ("tab:red", "-", "o"),
+    "igs-gd": ("tab:orange", "--", "s"),
+    "gd": ("tab:gray", ":", "x"),
+    "ags-adam": ("tab:blue", "-", "^"),
+    "igs-adam": ("tab:cyan", "--", "v"),
+    "adam": ("tab:green", "-.", "+"),
 }
+"""Colour, line style and marker of the registry's optimizers: no two share a style and a
+marker, so that curves with equal values (GD and Adam stuck in the same local minimum)
+stay visible."""
+
+_MARKERS = "os^vDP*Xph<>"
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKS_PER_LINE = 8
+
+
+def _save_atomically(fig: Any, path: str | os.PathLike[str]) -> None:
+    """``fig.savefig(path)`` through a temporary file, removed if saving fails."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    suffix = os.path.splitext(path)[1].lstrip(".") or None
+    try:
+        fig.savefig(tmp, dpi=110, format=suffix)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def require_matplotlib() -> None:
@@ -68,6 +89,9 @@ def plot_study(
     title: str | None = None,
 ) -> Any:
     """Median over the starts with a 25–75 % band, one panel per function.
+
+    Each optimizer has its own colour, line style and marker (markers at staggered steps),
+    so curves with the same values stay distinguishable.
 
     The y axis shows ``f − f*`` on a log scale (floored at :data:`FLOOR`) where the
     minimum is known, else ``f`` on a linear scale.
@@ -108,8 +132,28 @@ def plot_study(
             xs = run.iterations if x == "iterations" else run.evaluations
             if x == "evaluations":  # log axis: leave out step 0
                 xs, q25, q50, q75 = xs[1:], q25[1:], q50[1:], q75[1:]
-            color, style = _STYLES.get(opt, (palette[k % len(palette)], "-"))
-            ax.plot(xs, q50, style, color=color, lw=1.8, label=opt)
+            color, style, marker = _STYLES.get(
+                opt,
+                (
+                    palette[k % len(palette)],
+                    _LINESTYLES[k % len(_LINESTYLES)],
+                    _MARKERS[k % len(_MARKERS)],
+                ),
+            )
+            # markers at staggered points, so that coinciding curves show every marker
+            every = max(1, len(xs) // _MARKS_PER_LINE)
+            start = (k * every) // max(1, len(optimizers)) % every
+            ax.plot(
+                xs,
+                q50,
+                linestyle=style,
+                marker=marker,
+                markevery=(start, every),
+                markersize=5,
+                color=color,
+                lw=1.8,
+                label=opt,
+            )
             ax.fill_between(xs, q25, q75, color=color, alpha=0.18, lw=0)
         ax.set_yscale("log" if log else "linear")
         if x == "evaluations":
@@ -125,6 +169,6 @@ def plot_study(
     fig.suptitle(title or f"d = {cfg.dim}, {cfg.starts} starts: median and 25–75 % band")
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=110)
+        _save_atomically(fig, path)
         plt.close(fig)
     return fig

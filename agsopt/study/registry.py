@@ -20,11 +20,14 @@ Adding an optimizer is one entry::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from agsopt import functions as fns
@@ -43,6 +46,7 @@ __all__ = [
     "ADAM_SIGMA",
     "AGS_COVARIANCE",
     "DECAY",
+    "FALLBACK_LEARNING_RATE",
     "GD_LEARNING_RATES",
     "NUM_SAMPLES",
     "OPTIMIZERS",
@@ -52,10 +56,13 @@ __all__ = [
     "adam_learning_rate",
     "ags_spec",
     "build_optimizer",
+    "curvature_estimate",
     "function_names",
     "gd_learning_rate",
     "gradient_spec",
+    "is_tuned",
     "optimizer_names",
+    "resolve_function",
     "rule_registry",
     "smoothed_adam_factory",
     "smoothed_gd_factory",
@@ -203,9 +210,28 @@ ADAM_LEARNING_RATE = 0.003
 The Adam form needs no per-function tuning: its steps do not scale with the gradient."""
 
 
+FALLBACK_LEARNING_RATE = 1e-3
+"""GD's learning rate where :func:`curvature_estimate` finds no finite positive curvature
+(a linear or nowhere-finite function)."""
+
+_PROBE_POINTS, _PROBE_DIRECTIONS, _PROBE_STEP = 32, 8, 0.01
+
+
 def _base_name(function: fns.TestFunction) -> str:
     name = function.name
     return name[len(fns.ROTATED_PREFIX) :] if name.startswith(fns.ROTATED_PREFIX) else name
+
+
+def is_tuned(function: fns.TestFunction) -> bool:
+    """Whether ``function`` is one of :mod:`agsopt.functions` (or a rotated copy of one),
+    whose settings were tuned (:data:`GD_LEARNING_RATES`, ...). A user's function is not,
+    whatever its name: its settings are derived from its box (:func:`gd_learning_rate`)."""
+    base = fns.REGISTRY.get(_base_name(function))
+    if base is None:
+        return False
+    if function.name.startswith(fns.ROTATED_PREFIX):
+        return function.rotation is not None and function.domain == base.domain
+    return function is base
 
 
 def _width(function: fns.TestFunction) -> float:
@@ -213,14 +239,97 @@ def _width(function: fns.TestFunction) -> float:
     return float(upper - lower)
 
 
-def gd_learning_rate(function: fns.TestFunction) -> float:
-    """Plain GD's documented learning rate for ``function`` (:data:`GD_LEARNING_RATES`)."""
-    return GD_LEARNING_RATES.get(_base_name(function), 1e-3)
+def curvature_estimate(function: fns.TestFunction, dim: int) -> float:
+    """L̂, the largest curvature of ``function`` seen along random lines through its box.
+
+    ``max |f(x + hv) − 2f(x) + f(x − hv)| / h²`` over 32 points ``x`` uniform in the box
+    and 8 random unit directions ``v`` at each (``key(0)``), with ``h = 0.01 w`` (``w`` the
+    box width): the central second difference, exact for a quadratic, ``vᵀ∇²f v`` up to
+    O(h²) otherwise, and needing only values of f (a black box works). It bounds the
+    Lipschitz constant L of ∇f from below: along an eigenvector direction that random lines
+    miss (a strongly ill-conditioned f) it can fall short of L. NaN where no finite positive
+    value was seen.
+    """
+    lower, upper = function.domain
+    h = _PROBE_STEP * (upper - lower)
+    kx, kv = jax.random.split(jax.random.key(0))
+    x = fns.sample_starts(function, kx, _PROBE_POINTS, dim)
+    v = jax.random.normal(kv, (_PROBE_POINTS, _PROBE_DIRECTIONS, dim), x.dtype)
+    v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    batch = jax.vmap(jax.vmap(function))
+    center = jax.vmap(function)(x)[:, None]
+    ahead, behind = batch(x[:, None, :] + h * v), batch(x[:, None, :] - h * v)
+    curvature = np.abs(np.asarray(ahead - 2 * center + behind, np.float64)) / h**2
+    curvature = curvature[np.isfinite(curvature) & (curvature > 0)]
+    return float(curvature.max()) if curvature.size else float("nan")
+
+
+def gd_learning_rate(function: fns.TestFunction, dim: int | None = None) -> float:
+    """Plain GD's learning rate for ``function``.
+
+    A library function (:func:`is_tuned`) has its documented rate
+    (:data:`GD_LEARNING_RATES`). Any other gets the classical step ``1 / L̂`` of GD on an
+    L-smooth function, with L̂ = :func:`curvature_estimate` of ``function`` in dimension
+    ``dim`` (default ``function.dim``), or :data:`FALLBACK_LEARNING_RATE` where no curvature
+    is found: derived from the function on its stated box, not tuned.
+    """
+    if is_tuned(function) and _base_name(function) in GD_LEARNING_RATES:
+        return GD_LEARNING_RATES[_base_name(function)]
+    dim = function.dim if dim is None else dim
+    if dim is None:
+        raise ValueError(
+            f"gd_learning_rate: {function.name!r} has no tuned rate; pass dim to derive one"
+        )
+    curvature = curvature_estimate(function, dim)
+    return 1.0 / curvature if np.isfinite(curvature) else FALLBACK_LEARNING_RATE
 
 
 def adam_learning_rate(function: fns.TestFunction) -> float:
-    """Plain Adam's documented learning rate for ``function`` (:data:`ADAM_LEARNING_RATES`)."""
-    return ADAM_LEARNING_RATES.get(_base_name(function), 1e-3) * _width(function)
+    """Plain Adam's learning rate for ``function``: the documented one
+    (:data:`ADAM_LEARNING_RATES`) for a library function (:func:`is_tuned`), else
+    ``1e-3 w`` (``w`` the box width; Adam's steps have the size of its learning rate)."""
+    base = _base_name(function) if is_tuned(function) else None
+    return ADAM_LEARNING_RATES.get(base, 1e-3) * _width(function)
+
+
+def _untuned(function: fns.TestFunction) -> str:
+    return "" if is_tuned(function) else " (derived from the box, not tuned)"
+
+
+def resolve_function(
+    name: str, dim: int, custom: Mapping[str, fns.TestFunction] | None = None
+) -> fns.TestFunction:
+    """The :class:`~agsopt.functions.TestFunction` a study calls ``name``.
+
+    ``custom[name]`` if given there (functions handed to :func:`agsopt.study.run_study` as
+    objects); ``"module:attribute"`` imports ``module`` and takes its ``attribute``, which
+    must be a TestFunction (the command line's ``--functions mymodule:my_function``);
+    otherwise :func:`agsopt.functions.get` ``(name, dim=dim)``. ValueError naming
+    ``functions`` if the module or attribute is missing, TypeError if it is not a
+    TestFunction.
+    """
+    if custom and name in custom:
+        return custom[name]
+    if ":" not in name:
+        return fns.get(name, dim=dim)
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"functions: cannot import {module_name!r} for {name!r} ({error}); the module "
+            "must be importable from here (the current folder or PYTHONPATH)"
+        ) from None
+    if not hasattr(module, attribute):
+        raise ValueError(f"functions: module {module_name!r} has no attribute {attribute!r}")
+    function = getattr(module, attribute)
+    if not isinstance(function, fns.TestFunction):
+        raise TypeError(
+            f"functions: {name!r} is a {type(function).__name__}, not an "
+            "agsopt.functions.TestFunction (wrap it: TestFunction(name, fn, domain, "
+            "minimizer, minimum, description))"
+        )
+    return function
 
 
 def _decay(value: float) -> optax.Schedule:
@@ -231,11 +340,12 @@ def smoothed_gd_factory(covariance: Any, label: str) -> OptimizerFactory:
     """Factory of AGS-GD with ``covariance`` (N = :data:`NUM_SAMPLES`, :data:`SMOOTHED_GD`)."""
 
     def factory(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
-        del dim
-        lr, sigma = SMOOTHED_GD.get(
-            _base_name(function), (gd_learning_rate(function), 0.05 * _width(function))
+        tuned = SMOOTHED_GD.get(_base_name(function)) if is_tuned(function) else None
+        lr, sigma = tuned or (gd_learning_rate(function, dim), 0.05 * _width(function))
+        text = (
+            f"{label}: GD on ∇f_Σ, lr={lr:g}, σ={sigma:g} constant, N={NUM_SAMPLES} "
+            f"antithetic{_untuned(function)}"
         )
-        text = f"{label}: GD on ∇f_Σ, lr={lr:g}, σ={sigma:g} constant, N={NUM_SAMPLES} antithetic"
         return ags_spec(
             "gd",
             lr,
@@ -258,7 +368,7 @@ def smoothed_adam_factory(covariance: Any, label: str) -> OptimizerFactory:
         lr, sigma = ADAM_LEARNING_RATE * w, ADAM_SIGMA * w
         text = (
             f"{label}: Adam on ∇f_Σ, lr={lr:.4g}·{DECAY}^t, σ={sigma:.4g}·{DECAY}^t, "
-            f"N={NUM_SAMPLES} antithetic"
+            f"N={NUM_SAMPLES} antithetic{_untuned(function)}"
         )
         return ags_spec(
             "adam",
@@ -274,15 +384,15 @@ def smoothed_adam_factory(covariance: Any, label: str) -> OptimizerFactory:
 
 
 def _gd(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
-    del dim, key
-    lr = gd_learning_rate(function)
-    return gradient_spec(optax.sgd(lr), 1, f"GD, lr={lr:g}")
+    del key
+    lr = gd_learning_rate(function, dim)
+    return gradient_spec(optax.sgd(lr), 1, f"GD, lr={lr:g}{_untuned(function)}")
 
 
 def _adam(dim: int, function: fns.TestFunction, key: jax.Array) -> OptimizerSpec:
     del dim, key
     lr = adam_learning_rate(function)
-    return gradient_spec(optax.adam(lr), 1, f"Adam, lr={lr:.4g}")
+    return gradient_spec(optax.adam(lr), 1, f"Adam, lr={lr:.4g}{_untuned(function)}")
 
 
 OPTIMIZERS: dict[str, OptimizerFactory] = {

@@ -40,6 +40,7 @@ __all__ = [
     "environment",
     "format_value",
     "read_results",
+    "load_run",
     "read_run",
     "run_filename",
     "study_metadata",
@@ -252,12 +253,25 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def _replace_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so no half file is left."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _replace_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so no half file is left.
+
+    If writing fails (full or read-only disk, Ctrl-C) the temporary file is removed and
+    ``path`` keeps its old content (or stays absent); an OSError then names ``path``.
+    """
+    tmp = f"{os.fspath(path)}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(error, OSError) and error.filename in (None, tmp):
+            error.filename = os.fspath(path)  # name the file, also for a failed write
+        raise
 
 
 def write_tables(result: StudyResult, out_dir: str | os.PathLike[str]) -> dict[str, str]:
@@ -354,11 +368,22 @@ def _array(value: Any) -> np.ndarray | None:
     return None if value is None else np.asarray(value, np.float64)
 
 
-def write_run(run: RunResult, directory: str | os.PathLike[str]) -> str:
-    """Write one finished run to ``directory/<function>__<optimizer>.json`` (atomically)."""
+def write_run(
+    run: RunResult,
+    directory: str | os.PathLike[str],
+    *,
+    settings: dict[str, Any] | None = None,
+) -> str:
+    """Write one finished run to ``directory/<function>__<optimizer>.json`` (atomically).
+
+    ``settings`` (JSON-ready; the command line passes
+    :func:`agsopt.study.output.study_settings`) is stored with the run, so that a resumed
+    study takes the run only if it was made with the same settings (see :func:`load_run`).
+    """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, run_filename(run.function, run.optimizer))
     record = {
+        "settings": settings,
         "function": run.function,
         "optimizer": run.optimizer,
         "description": run.description,
@@ -377,8 +402,26 @@ def write_run(run: RunResult, directory: str | os.PathLike[str]) -> str:
 
 def read_run(path: str | os.PathLike[str]) -> RunResult:
     """A run written by :func:`write_run`, with the very numbers that were written."""
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+    return load_run(path)[0]
+
+
+def load_run(path: str | os.PathLike[str]) -> tuple[RunResult, dict[str, Any] | None]:
+    """A run written by :func:`write_run` and the ``settings`` stored with it (None if none).
+
+    ValueError naming the file if it is not such a run file (truncated, not JSON, fields
+    missing).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        return _run_from_record(record), record.get("settings")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable run file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _run_from_record(record: dict[str, Any]) -> RunResult:
     return RunResult(
         function=record["function"],
         optimizer=record["optimizer"],

@@ -111,10 +111,12 @@ def rule_table(
     """Markdown: median final f − f* [25 %, 75 %] per rule and the ratio to the first rule.
 
     The last columns divide each rule's median by the first optimizer's (the baseline,
-    e.g. IGS): below 1 is better. Where f* is unknown the table shows f and the difference
-    ``median − baseline median`` instead (negative is better). ``baselines`` (from
-    :func:`equal_evaluation_baselines`) adds a column per gradient method, at the same
-    number of evaluations as the rules' last step (ValueError if the budgets differ).
+    e.g. IGS): below 1 is better, written with 3 significant digits (scientific notation
+    outside [10⁻³, 10⁴), as :func:`~agsopt.study.results.format_value`). Where f* is
+    unknown the table shows f and the difference ``median − baseline median`` instead
+    (negative is better). ``baselines`` (from :func:`equal_evaluation_baselines`) adds a
+    column per gradient method, at the same number of evaluations as the rules' last step
+    (ValueError if the budgets differ).
     """
     names = list(result.config.optimizers)
     base = names[0]
@@ -144,7 +146,7 @@ def rule_table(
             if not known:
                 cells.append(f"{median - finals[0][0]:+.3g} (f diff.)")
             elif finals[0][0] > 0:
-                cells.append(f"{median / finals[0][0]:.2f}")
+                cells.append(format_value(median / finals[0][0]))
             else:
                 cells.append("=" if median == 0 else "inf")
         lines.append(f"| {function}{'' if known else ' (f)'} | " + " | ".join(cells) + " |")

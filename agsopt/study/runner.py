@@ -25,7 +25,12 @@ import optax
 
 from agsopt import functions as fns
 from agsopt.study.config import StudyConfig
-from agsopt.study.registry import OptimizerFactory, OptimizerSpec, build_optimizer
+from agsopt.study.registry import (
+    OptimizerFactory,
+    OptimizerSpec,
+    build_optimizer,
+    resolve_function,
+)
 from agsopt.study.results import RunResult, StudyResult, study_metadata
 
 __all__ = ["init_states", "noise_keys", "run_starts", "run_study", "starts_key"]
@@ -186,8 +191,44 @@ class _Progress:
             self.bar.close()
 
 
+def _custom_functions(
+    functions: Sequence[str | fns.TestFunction] | None,
+) -> tuple[list[str] | None, dict[str, fns.TestFunction]]:
+    """Split ``functions`` into the study's names and the user's TestFunction objects."""
+    if functions is None:
+        return None, {}
+    if isinstance(functions, (str, fns.TestFunction)):
+        functions = [functions]
+    names, custom = [], {}
+    for function in functions:
+        if isinstance(function, fns.TestFunction):
+            library = fns.REGISTRY.get(function.name)
+            if library is not None and library is not function:
+                raise ValueError(
+                    f"functions: your TestFunction is called {function.name!r}, the name of "
+                    "a library function: give it another name"
+                )
+            if ":" in function.name:
+                raise ValueError(
+                    f"functions: a TestFunction's name may not contain ':' (the form of "
+                    f"module:attribute references), got {function.name!r}"
+                )
+            if function.name in custom and custom[function.name] is not function:
+                raise ValueError(f"functions: two different functions are called {function.name!r}")
+            custom[function.name] = function
+            names.append(function.name)
+        elif isinstance(function, str):
+            names.append(function)
+        else:
+            raise TypeError(
+                "functions: expected names or agsopt.functions.TestFunction objects, got "
+                f"{type(function).__name__}"
+            )
+    return names, custom
+
+
 def run_study(
-    functions: Sequence[str] | None = None,
+    functions: Sequence[str | fns.TestFunction] | None = None,
     optimizers: Sequence[str] | None = None,
     *,
     dim: int | None = None,
@@ -203,6 +244,12 @@ def run_study(
     on_run: Callable[[RunResult], None] | None = None,
 ) -> StudyResult:
     """Run a convergence study; arguments left None come from ``config`` (or the defaults).
+
+    ``functions`` are names of :mod:`agsopt.functions`, ``"module:attribute"`` references,
+    or your own :class:`~agsopt.functions.TestFunction` objects (tables and files call them
+    by their ``name``). A function that is not the library's gets settings derived from its
+    box (:func:`~agsopt.study.registry.gd_learning_rate`; the descriptions say "not
+    tuned").
 
     Every optimizer runs on every function from the same ``starts`` random starts (uniform
     in the box, seeded) for ``iterations`` steps, all starts at once under ``vmap``, each
@@ -221,6 +268,7 @@ def run_study(
     Returns:
       A :class:`StudyResult`; write it with :func:`agsopt.study.write_results`.
     """
+    functions, custom = _custom_functions(functions)
     cfg = (config if config is not None else StudyConfig()).override(
         functions=functions,
         optimizers=optimizers,
@@ -231,7 +279,7 @@ def run_study(
         record_every=record_every,
         key_impl=key_impl,
     )
-    cfg.validate(registry)
+    cfg.validate(registry, custom)
     completed = dict(completed or {})
     every = cfg.recording_interval
     recorded = np.arange(0, cfg.iterations + 1, every)
@@ -242,7 +290,7 @@ def run_study(
     wall = time.perf_counter()
     try:
         for name in cfg.functions:
-            function = fns.get(name, dim=cfg.dim)
+            function = resolve_function(name, cfg.dim, custom)
             x0s = None
             minimum = function.minimum(cfg.dim)
             minimizer = function.minimizer(cfg.dim)
