@@ -77,6 +77,10 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _rounded(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
 def row(record: dict[str, Any]) -> dict[str, Any]:
     reference = ASGF_REFERENCE.get((record["function"], record["dim"]))
     cma = None
@@ -89,8 +93,8 @@ def row(record: dict[str, Any]) -> dict[str, Any]:
         "method": record["method"] + (" (∇f)" if record["gradient"] else ""),
         "library": record["library"],
         "success": f"{100 * record['success_rate']:.0f} %",
-        "mean evals": record["mean_evaluations"],
-        "median evals": record["median_evaluations"],
+        "mean evals": _rounded(record["mean_evaluations"]),
+        "median evals": _rounded(record["median_evaluations"]),
         "median final f": record["median_final"],
         "budget": record["budget"],
         "ASGF evals": None if reference is None else f"100 %, {reference['asgf']:.0f}",
