@@ -211,16 +211,30 @@ def test_every_method_gets_the_same_starts_peers_included():
     assert keys.shape == (4,)
 
 
+class KeyState(NamedTuple):
+    key: jax.Array
+    num_evaluations: jax.Array
+
+
 def test_each_start_builds_its_transformation_with_its_own_key():
     keys_seen = []
 
     def keyed(lower, upper, dim, key):
         keys_seen.append(np.asarray(jax.random.key_data(key)))
-        return halving(1)(lower, upper, dim, key)
 
-    bb.run_method(fake("keyed", keyed), "sphere", 2, starts=3, budget=3)
+        def update(updates, state, x, *, value_fn, **extra):  # a typed key, split per step
+            next_key, step_key = jax.random.split(state.key)
+            noise = 1e-3 * jax.random.normal(step_key, x.shape)
+            return -x / 2 + noise, KeyState(next_key, state.num_evaluations + 1)
+
+        return optax.GradientTransformationExtraArgs(
+            lambda x: KeyState(key, jnp.zeros((), jnp.int32)), update
+        )
+
+    run = bb.run_method(fake("keyed", keyed), "sphere", 2, starts=3, budget=4)
     _, keys = bb.blackbox_starts("sphere", 2, 3, seed=0)
     np.testing.assert_array_equal(np.stack(keys_seen), np.asarray(jax.random.key_data(keys)))
+    np.testing.assert_array_equal(run.final_evaluations, [4] * 3)
 
 
 # --------------------------------------------------------------------------- records

@@ -221,6 +221,14 @@ def _init_states(method: Method, function: fns.TestFunction, dim: int, x0s, keys
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states), tx
 
 
+def _keep(done: jax.Array, old: jax.Array, fresh: jax.Array) -> jax.Array:
+    """``old`` where the start is done, else ``fresh`` (typed PRNG keys included)."""
+    if jnp.issubdtype(old.dtype, jax.dtypes.prng_key):
+        data = jnp.where(done, jax.random.key_data(old), jax.random.key_data(fresh))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(old))
+    return jnp.where(done, old, fresh)
+
+
 def _make_chunk(
     tx: Any,
     f: Callable[[jax.Array], jax.Array],
@@ -273,7 +281,7 @@ def _make_chunk(
             "stopped": stop & ~success,
             "done": success | stop | (evaluations >= budget),
         }
-        return jax.tree.map(lambda old, fresh: jnp.where(c["done"], old, fresh), c, new)
+        return jax.tree.map(lambda old, fresh: _keep(c["done"], old, fresh), c, new)
 
     vstep = jax.vmap(step)
 
