@@ -125,13 +125,18 @@ def evaluations_to_success(
     for the starts that never succeed with a count ≤ ``budget``.
     """
     evaluations = np.asarray(evaluations, dtype=np.int64)
-    ok = succeeded(best, f0, fstar, tolerance) & (evaluations <= budget)
+    return _first_count(
+        succeeded(best, f0, fstar, tolerance) & (evaluations <= budget), evaluations
+    )
+
+
+def _first_count(ok: np.ndarray, evaluations: np.ndarray) -> np.ndarray:
+    """Per column, ``evaluations`` at the first row where ``ok`` holds, −1 where none does."""
     if ok.shape[0] == 0:
         return np.full(ok.shape[1:], -1, dtype=np.int64)
     first = np.argmax(ok, axis=0)
-    found = ok.any(axis=0)
-    counts = np.take_along_axis(evaluations, first[None], axis=0)[0]
-    return np.where(found, counts, -1)
+    counts = np.take_along_axis(np.asarray(evaluations, np.int64), first[None], axis=0)[0]
+    return np.where(ok.any(axis=0), counts, -1)
 
 
 # --------------------------------------------------------------------------------------
@@ -238,9 +243,11 @@ def _make_chunk(
     fstar: float,
     budget: int,
     tolerance: float,
-) -> Callable[[dict[str, Any], int], tuple[dict[str, Any], tuple[jax.Array, jax.Array]]]:
+) -> Callable[[dict[str, Any], int], tuple[dict[str, Any], tuple[jax.Array, ...]]]:
     """``run(carry, length)``: ``length`` steps of every start, jitted; returns the carry and
-    the per-step ``(evaluations, best)`` of shape ``(length, starts)``."""
+    the per-step ``(evaluations, best, success)`` of shape ``(length, starts)``. ``success``
+    is the criterion as the loop evaluates it (in the values' dtype), which also ends the
+    start, so the recorded evaluations to success are those of the step that ended it."""
 
     def step(c: dict[str, Any]) -> dict[str, Any]:
         x, state = c["x"], c["state"]
@@ -278,6 +285,7 @@ def _make_chunk(
             "best": best,
             "best_x": best_x,
             "f0": c["f0"],
+            "success": success,
             "stopped": stop & ~success,
             "done": success | stop | (evaluations >= budget),
         }
@@ -285,9 +293,9 @@ def _make_chunk(
 
     vstep = jax.vmap(step)
 
-    def body(c: dict[str, Any], _: Any) -> tuple[dict[str, Any], tuple[jax.Array, jax.Array]]:
+    def body(c: dict[str, Any], _: Any) -> tuple[dict[str, Any], tuple[jax.Array, ...]]:
         c = jax.lax.cond(jnp.all(c["done"]), lambda c: c, vstep, c)  # skip once all are done
-        return c, (c["evaluations"], c["best"])
+        return c, (c["evaluations"], c["best"], c["success"])
 
     @functools.partial(jax.jit, static_argnums=1)
     def run(c: dict[str, Any], length: int):
@@ -345,6 +353,7 @@ def _run_transformation(
         "best": best0,
         "best_x": jnp.asarray(best_x0, dtype),
         "f0": jnp.asarray(f0, dtype),
+        "success": jnp.zeros(x0s.shape[0], bool),
         "stopped": jnp.zeros(x0s.shape[0], bool),
         "done": count0 >= budget,
     }
@@ -363,9 +372,9 @@ def _run_transformation(
     while True:
         before = np.asarray(carry["evaluations"])
         was_done = np.asarray(carry["done"])
-        carry, (evaluations, best) = run(carry, length)
+        carry, (evaluations, best, success) = run(carry, length)
         evaluations, best = np.asarray(evaluations), np.asarray(best)
-        found = evaluations_to_success(evaluations, best, f0, fstar, budget, tolerance)
+        found = _first_count(np.asarray(success), evaluations)
         to_success = np.where((to_success < 0) & (found >= 0), found, to_success)
         if history:
             kept.append((evaluations, best))
