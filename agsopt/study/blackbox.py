@@ -202,7 +202,7 @@ class MethodRun:
     stopped: np.ndarray
     f0: np.ndarray
     monitored: bool
-    history: tuple[np.ndarray, np.ndarray] | None
+    history: tuple[Any, Any] | None
     seconds: float
 
 

@@ -94,7 +94,9 @@ class Method:
       factory: ``(lower, upper, dim, key) -> transformation`` for a transformation.
       runner: an external peer's :data:`PeerRunner` (exactly one of factory and runner).
       gradient: the transformation is handed ``∇f(x)`` (1 evaluation per step, counted).
-      requires: the optional module the method needs (e.g. ``"cma"``), or None.
+      requires: the optional module the method needs (e.g. ``"cma"``;
+        ``"evosax.algorithms"``, the API of evosax ≥ 0.2), or None.
+      extra: the agsopt extra that installs it (``"blackbox"``), for the hint.
     """
 
     name: str
@@ -104,6 +106,7 @@ class Method:
     runner: PeerRunner | None = None
     gradient: bool = False
     requires: str | None = None
+    extra: str | None = None
 
     def __post_init__(self) -> None:
         if (self.factory is None) == (self.runner is None):
@@ -113,11 +116,20 @@ class Method:
 
     def unavailable(self) -> str | None:
         """None if the method can run here, else why not (its optional module is missing)."""
-        if self.requires is None or importlib.util.find_spec(self.requires) is not None:
+        if self.requires is None:
             return None
+        try:
+            found = importlib.util.find_spec(self.requires) is not None
+        except ModuleNotFoundError:  # the parent package of a submodule is missing
+            found = False
+        if found:
+            return None
+        hint = f"pip install -U {self.requires.split('.')[0]}"
+        if self.extra is not None:
+            hint = f'pip install "agsopt[{self.extra}]" or {hint}'
         return (
-            f"{self.name} needs the optional package {self.requires!r}, which is not installed "
-            f'(pip install "agsopt[blackbox]" or pip install {self.requires}); skipped'
+            f"{self.name} needs the optional module {self.requires!r}, which is not installed "
+            f"({hint}); skipped"
         )
 
 
@@ -355,13 +367,15 @@ METHODS: dict[str, Method] = {
             False,
             runner=pycma_cma_es,
             requires="cma",
+            extra="blackbox",
         ),
         Method(
             "cma-es-evosax",
             "evosax CMA_ES, λ = 4 + ⌊3 ln d⌋, σ0 = w/4",
             False,
             evosax_cma_es,
-            requires="evosax",
+            requires="evosax.algorithms",
+            extra="benchmarks",
         ),
     ]
 }
