@@ -220,10 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = {r: budget_for(*r) for r in args.rows}
     env = common.environment()
     start = time.perf_counter()
-    records, notes = measure(args.rows, args.starts, budgets, names)
-    partial = report(records, args.rows, notes, "blackbox_partial")
-    seconds = time.perf_counter() - start
-    json_path, md_path = common.write_report(partial, args.out, env, "partial", seconds)
+    records: list[dict[str, Any]] = []
+    for done, one in enumerate(args.rows, 1):  # the files are rewritten after every row
+        more, notes = measure([one], args.starts, budgets, names)
+        records += more
+        partial = report(records, args.rows[:done], notes, "blackbox_partial")
+        seconds = time.perf_counter() - start
+        json_path, md_path = common.write_report(partial, args.out, env, "partial", seconds)
+        print(f"{one[0]}, d = {one[1]}: done after {seconds:.0f} s", flush=True)
     print(md_path.read_text(encoding="utf-8"))
     print(f"written: {json_path}, {md_path}")
     return 0

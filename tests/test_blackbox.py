@@ -183,8 +183,25 @@ def test_gradient_method_is_charged_one_evaluation_per_gradient():
 def test_a_method_that_cannot_be_counted_is_refused():
     with pytest.raises(ValueError, match="num_evaluations"):
         bb.run_method(fake("nocount", no_count), "sphere", 2, starts=2, budget=10)
-    with pytest.raises(RuntimeError, match="did not grow"):
+    with pytest.raises(RuntimeError, match="never grew"):
         bb.run_method(fake("frozen", frozen_count), "sphere", 2, starts=2, budget=10)
+
+
+def test_a_method_that_stops_spending_evaluations_ends_as_stopped():
+    # counts 2 per step for 3 steps, then skips its steps (no evaluation, e.g. σ underflowed)
+    def skipping(lower, upper, dim, key):
+        def update(updates, state, x, *, value_fn, **extra):
+            spend = jnp.where(state.num_evaluations < 6, 2, 0)
+            return jnp.zeros_like(x), CountState(state.num_evaluations + spend, state.stop)
+
+        return optax.GradientTransformationExtraArgs(
+            lambda x: CountState(jnp.zeros((), jnp.int32), jnp.asarray(False)), update
+        )
+
+    with pytest.warns(RuntimeWarning, match="spent no evaluation"):
+        run = bb.run_method(fake("skip", skipping), "sphere", 2, starts=2, budget=10**6)
+    assert run.stopped.all()
+    np.testing.assert_array_equal(run.final_evaluations, [6, 6])
 
 
 # --------------------------------------------------------------------------- starts

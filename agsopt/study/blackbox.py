@@ -383,11 +383,27 @@ def _run_transformation(
             break
         stalled = ~was_done & ~done & (evaluations[-1] <= before)
         if stalled.any():
-            raise RuntimeError(
-                f"method {method.name!r} on {function.name}: the evaluation count did not grow "
-                f"in {length} steps on {int(stalled.sum())} start(s) (it must count every call "
-                "of f in num_evaluations)"
+            if (evaluations[-1][stalled] <= np.asarray(count0)[stalled]).any():
+                raise RuntimeError(
+                    f"method {method.name!r} on {function.name}: the evaluation count never "
+                    f"grew in {length} steps on some start (it must count every call of f in "
+                    "num_evaluations)"
+                )
+            warnings.warn(
+                f"method {method.name!r} on {function.name}: {int(stalled.sum())} start(s) "
+                f"spent no evaluation in {length} steps (the method skips its steps); they end "
+                "there, counted as stopped",
+                RuntimeWarning,
+                stacklevel=3,
             )
+            stalled_j = jnp.asarray(stalled)
+            carry = {
+                **carry,
+                "done": carry["done"] | stalled_j,
+                "stopped": carry["stopped"] | stalled_j,
+            }
+            if np.asarray(carry["done"]).all():
+                break
         per_step = float(np.max(evaluations[-1] - before)) / length
         length = _chunk_length(budget, per_step)
     return MethodRun(

@@ -140,6 +140,10 @@ class Method:
 DECAY = 0.995
 """Per-step factor of the σ and learning-rate decays of the smoothing baselines."""
 
+FLOOR = 1e-6
+"""The decays stop at this fraction of their initial values (without a floor σ underflows
+to 0 in float32 after about 2·10⁴ steps and AGS then skips every step)."""
+
 
 def _width(lower: float, upper: float) -> float:
     width = float(upper) - float(lower)
@@ -152,10 +156,12 @@ def smoothing_preset(kind: str) -> TransformationFactory:
     """An AGS/IGS baseline from the box: ``kind`` is ``"ags-adam"``, ``"igs-adam"`` or
     ``"igs-gd"``.
 
-    σ_k = σ_0 γ^k with σ_0 = w/10 per coordinate (``w`` the box width) and γ = 0.995;
+    σ_k = σ_0 γ^k with σ_0 = w/10 per coordinate (``w`` the box width) and γ = 0.995, down to
+    10⁻⁶ σ_0;
     N = d antithetic directions (2d evaluations per step). The Adam forms take
-    η_k = (w/20) γ^k (Adam's steps are about η per coordinate, so η is a length); the GD form
-    takes the fixed η = 0.01 (a GD step has the units of f, which the box does not give).
+    η_k = (w/20) γ^k down to 10⁻⁶ η_0 (Adam's steps are about η per coordinate, so η is a
+    length); the GD form takes the fixed η = 0.01 (a GD step has the units of f, which the
+    box does not give).
     Baselines, not tuned per function.
     """
     builders = {"ags-adam": ags_adam, "igs-adam": igs_adam, "igs-gd": igs_gd}
@@ -164,11 +170,13 @@ def smoothing_preset(kind: str) -> TransformationFactory:
 
     def factory(lower: float, upper: float, dim: int, key: jax.Array):
         width = _width(lower, upper)
-        sigma = optax.exponential_decay(width / 10, 1, DECAY)
+        sigma = optax.exponential_decay(width / 10, 1, DECAY, end_value=width * FLOOR / 10)
         if kind == "igs-gd":
             learning_rate: optax.ScalarOrSchedule = 0.01
         else:
-            learning_rate = optax.exponential_decay(width / 20, 1, DECAY)
+            learning_rate = optax.exponential_decay(
+                width / 20, 1, DECAY, end_value=width * FLOOR / 20
+            )
         return builders[kind](learning_rate, sigma=sigma, num_samples=int(dim), key=key)
 
     return factory
@@ -186,9 +194,11 @@ def box_gd(lower: float, upper: float, dim: int, key: jax.Array) -> optax.Gradie
 
 
 def box_adam(lower: float, upper: float, dim: int, key: jax.Array) -> optax.GradientTransformation:
-    """Adam on ∇f with η_k = (w/20) γ^k, γ = 0.995, as the smoothing baselines."""
+    """Adam on ∇f with η_k = (w/20) γ^k, γ = 0.995, down to 10⁻⁶ η_0, as the smoothing
+    baselines."""
     del dim, key
-    return optax.adam(optax.exponential_decay(_width(lower, upper) / 20, 1, DECAY))
+    width = _width(lower, upper)
+    return optax.adam(optax.exponential_decay(width / 20, 1, DECAY, end_value=width * FLOOR / 20))
 
 
 # --------------------------------------------------------------------------------------
