@@ -171,7 +171,7 @@ def report(
                     "CMA-ES (pycma): the ASGF repository's settings — default population "
                     "4 + ⌊3 ln d⌋, σ0 per function (sphere 1, ackley 5, levy 4, rastrigin 5), "
                     "tolx 1e-6, no restarts; evosax's CMA-ES: the same population, σ0 = "
-                    "box width / 4.",
+                    "box width / 4, stopping at tolx 1e-6.",
                 ],
             )
         ],

@@ -308,6 +308,9 @@ def test_evosax_cma_es_counts_its_population():
     population = bm.cma_population_size(2)
     assert record["success_rate"] == 1.0 and not record["best_monitored"]
     assert all(e % population == 0 for e in record["evaluations_to_success"])
+    # with a tolerance no float32 run reaches, it stops by tolx before the budget
+    run = bb.run_method("cma-es-evosax", "sphere", 2, 2, 10**6, tolerance=1e-30)
+    assert run.stopped.all() and (run.final_evaluations < 10**6).all()
 
 
 def without(module: str, monkeypatch: pytest.MonkeyPatch) -> None:

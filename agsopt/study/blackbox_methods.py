@@ -281,6 +281,7 @@ class EvosaxCMAState(NamedTuple):
     num_evaluations: jax.Array
     best_value: jax.Array
     best_params: jax.Array
+    stop: jax.Array
 
 
 def evosax_cma_es(
@@ -292,7 +293,9 @@ def evosax_cma_es(
     (the iterate), evaluate them with ``value_fn`` (λ evaluations, counted), ``tell``; the
     update moves the iterate to the new mean. σ0 = w/4 (the factory sees the box only, so the
     ASGF paper's per-function σ0 of pycma's peer is not available here). The state carries
-    ``num_evaluations``, ``best_value`` and ``best_params``. Parameters must be one array of
+    ``num_evaluations``, ``best_value``, ``best_params`` and ``stop``: true once every
+    coordinate's standard deviation σ·√C_ii is below ``tolx = 1e-6`` (pycma's ``tolx``, as
+    the paper set it; evosax itself has no stopping rule). Parameters must be one array of
     shape ``(dim,)``.
     """
     from evosax.algorithms import CMA_ES
@@ -315,6 +318,7 @@ def evosax_cma_es(
             num_evaluations=jnp.zeros((), jnp.int32),
             best_value=jnp.asarray(jnp.inf, x.dtype),
             best_params=x,
+            stop=jnp.asarray(False),
         )
 
     def update(updates, state, x=None, *, value_fn, **extra_args):
@@ -331,6 +335,7 @@ def evosax_cma_es(
             num_evaluations=state.num_evaluations + population_size,
             best_value=jnp.where(better, values[index], state.best_value).astype(x.dtype),
             best_params=jnp.where(better, population[index], state.best_params).astype(x.dtype),
+            stop=es_state.std * jnp.sqrt(jnp.max(jnp.diag(es_state.C))) < CMA_TOLX,
         )
         return (es_state.mean - x).astype(x.dtype), new_state
 
@@ -381,7 +386,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "cma-es-evosax",
-            "evosax CMA_ES, λ = 4 + ⌊3 ln d⌋, σ0 = w/4",
+            "evosax CMA_ES, λ = 4 + ⌊3 ln d⌋, σ0 = w/4, stops at tolx 1e-6",
             False,
             evosax_cma_es,
             requires="evosax.algorithms",
