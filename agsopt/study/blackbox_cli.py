@@ -63,7 +63,10 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--functions", type=_names, default=("sphere", "ackley", "levy", "rastrigin")
+        "--functions",
+        type=_names,
+        default=("sphere", "ackley", "levy", "rastrigin"),
+        help="comma-separated test-function names (sphere,ackley,levy,rastrigin)",
     )
     parser.add_argument("--dim", type=_positive, default=10, help="dimension d (10)")
     parser.add_argument("--starts", type=_positive, default=20, help="random starts (20)")
@@ -80,7 +83,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help=f"comma-separated method names (default {','.join(DEFAULT_METHODS)}; see --list)",
     )
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the starts and keys (0)")
-    parser.add_argument("--out", default=os.path.join("results", "blackbox"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join("results", "blackbox"),
+        help="output folder; its blackbox.* files are replaced (results/blackbox)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip blackbox.png")
     parser.add_argument("--list", action="store_true", help="list the methods and exit")
     return parser
