@@ -32,6 +32,7 @@ DEVICE_SUITE = ("estimators", "sam_steps")
 # name -> "module:function" (imported only when that benchmark runs) or the function itself;
 # the function takes ``quick`` and returns a report.
 BENCHMARKS: dict[str, str | Callable[[bool], dict[str, Any]]] = {
+    "blackbox": "benchmarks.blackbox:run",
     "estimators": "benchmarks.estimators:run",
     "estimator_profile": "benchmarks.estimator_profile:run",
     "memory": "benchmarks.memory:run",

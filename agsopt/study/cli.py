@@ -22,6 +22,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from agsopt.study import blackbox_cli
 from agsopt.study.config import KEY_IMPLS, MAX_SEED, PRESETS, StudyConfig
 from agsopt.study.output import (
     OutputExistsError,
@@ -178,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--dim", type=int, default=100)
     prof.add_argument("--num-samples", type=int, default=128)
     prof.add_argument("--starts", type=int, default=20)
+    blackbox_cli.add_parser(commands)  # python -m agsopt blackbox (agsopt/study/blackbox_cli.py)
     return parser
 
 
@@ -370,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _study(args, argv)
         if args.command == "rules":
             return _rules(args, argv)
+        if args.command == "blackbox":
+            return blackbox_cli.run(args)
         return _profile(args)
     except (ValueError, ImportError, OutputExistsError) as error:
         parser.exit(2, f"python -m agsopt {args.command}: error: {error}\n")
