@@ -265,3 +265,86 @@ def test_hints_must_be_static_bools():
     assert isinstance(state[0], VSAMState)
     with pytest.raises(ValueError, match="warmup_steps"):
         vsam_sam_step_hint(state[0], warmup_steps=-1)
+
+
+# --------------------------------------------------------------------------- shard_map
+
+SHARDED_SCRIPT = r"""
+import functools, json
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, PartitionSpec as P
+from agsopt import ausam, vsam
+
+mesh = Mesh(np.array(jax.devices()), ("b",))
+rng = np.random.default_rng(0)
+n, batch, dim, classes = 32, 16, 3, 4
+x_all = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+y_all = jnp.asarray(rng.integers(0, classes, size=n), jnp.int32)
+params = {"b": jnp.zeros(classes), "w": jnp.asarray(rng.normal(size=(dim, classes)), jnp.float32)}
+
+def per_example(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(jnp.sin(x) @ p["w"] + p["b"], y)
+
+a_opt = optax.chain(ausam(n, 0.1, steps_per_epoch=2, alpha=0.5, key=1, axis_name="b"),
+                    optax.sgd(0.1))
+v_opt = optax.chain(vsam(0.05, warmup_steps=2, window=4, var_blocks=2, key=1, axis_name="b"),
+                    optax.sgd(0.1))
+
+def a_step(p, s, x, y, ids, hint):
+    u, s = a_opt.update(None, s, p, ids=ids, full_batch=hint,
+                        per_example_loss_fn=lambda q, pos: per_example(q, x[pos], y[pos]))
+    return optax.apply_updates(p, u), s
+
+def v_step(p, s, x, y, ids, hint):
+    loss = lambda q: jnp.mean(per_example(q, x, y))
+    u, s = v_opt.update(jax.grad(loss)(p), s, p, value_fn=loss, sam_step=hint)
+    return optax.apply_updates(p, u), s
+
+def run(step, opt, hints):
+    programs = {}
+    p, s = params, opt.init(params)
+    for i in range(8):
+        hint = hints(i)
+        if hint not in programs:
+            programs[hint] = jax.jit(jax.shard_map(
+                functools.partial(step, hint=hint), mesh=mesh,
+                in_specs=(P(), P(), P("b"), P("b"), P("b")), out_specs=(P(), P()),
+                check_vma=False))
+        ids = jnp.asarray(rng.permutation(n)[:batch], jnp.int32)
+        p, s = programs[hint](p, s, x_all[ids], y_all[ids], ids)
+    return [np.asarray(leaf, np.float64).tolist() for leaf in jax.tree.leaves((p, s))]
+
+out = {}
+for name, step, opt in (("ausam", a_step, a_opt), ("vsam", v_step, v_opt)):
+    rng = np.random.default_rng(5)
+    default = run(step, opt, lambda i: None)
+    gaps = []
+    for hints in (lambda i: i < 2, lambda i: True, lambda i: False):
+        rng = np.random.default_rng(5)
+        got = run(step, opt, hints)
+        gaps.append(max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)), initial=0.0))
+                        for a, b in zip(got, default)))
+    out[name] = max(gaps)
+print(json.dumps(out))
+"""
+
+
+def test_hints_keep_the_sharded_m_sharpness_results():
+    """Under shard_map (4 virtual devices, axis_name): every hint gives the default run."""
+    import json
+    import subprocess
+    import sys
+
+    from markdown_blocks import ROOT, device_env
+
+    completed = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT],
+        cwd=ROOT,
+        env=device_env(4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    gaps = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert gaps["ausam"] < 1e-5 and gaps["vsam"] < 1e-5, gaps
