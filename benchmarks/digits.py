@@ -6,12 +6,16 @@ to [0, 1] (÷16), split 75 % / 25 % (1347 train, 450 test), stratified, with a f
 the same seed, is flipped to a different class drawn uniformly from the other nine (so
 exactly that fraction is wrong); the test labels stay clean.
 
-Model. A Flax NNX MLP ``64 → hidden (×depth, ReLU) → 10`` (``nnx.Linear`` layers, default
-init). The optimizers see its parameters as a pure nested dict: ``graphdef, state =
-nnx.split(model, nnx.Param)``, ``params = nnx.to_pure_dict(state)`` (see :func:`init_model`
-for why not the ``nnx.State``), and every loss is ``nnx.merge(graphdef, params)(x)`` inside
-the jitted step. Leaves come in ``hidden/0, …, output`` order, so vSAM's ``last_layer=2`` is
-the output layer. Loss: mean softmax cross-entropy on the (noisy) labels.
+Models (``model=``). ``"mlp"`` (default): a Flax NNX MLP ``64 → hidden (×depth, ReLU) →
+10`` (``nnx.Linear`` layers, default init). ``"cnn"``: a small conv net on the 8×8 images,
+``conv 3×3 1 → 16, ReLU, conv 3×3 16 → 32, ReLU, flatten, dense 2048 → 10`` (``nnx.Conv``
+with SAME padding, default init; 25 k parameters). The optimizers see the parameters as a
+pure nested dict: ``graphdef, state = nnx.split(model, nnx.Param)``, ``params =
+nnx.to_pure_dict(state)`` (see :func:`init_model` for why not the ``nnx.State``), and every
+loss is ``nnx.merge(graphdef, params)(x)`` inside the jitted step. Leaves come in input to
+output order with the output layer last (``hidden/0, …, output``; ``conv1, conv2,
+output``), so vSAM's ``last_layer=2`` is the output layer. Loss: mean softmax cross-entropy
+on the (noisy) labels.
 
 Training. Epochs of shuffled minibatches (``batch_size``, the incomplete last batch is
 dropped, so every step has one shape and is compiled once); the loader hands the dataset
@@ -37,8 +41,14 @@ optax_sam    ``optax.contrib.sam(<base>, chain(normalize(), sgd(0.05)), sync_per
              SAM step as ``agsopt.sam`` (for the speed comparison)
 ===========  ==========================================================================
 
-Defaults of :func:`train`: hidden 64, depth 1, batch 64 (21 steps per epoch), 20 epochs
-(420 steps). :func:`train` returns the clean test accuracy, the wall time (with and without
+Training loop. AUSAM and vSAM run in the form the training-loops guide documents: the
+jitted step takes a static phase hint (:func:`make_train_step`), so the training loop
+compiles one program per phase and each step runs its branch outside ``lax.cond``
+(AUSAM: ``full_batch = epoch < 1``; vSAM: ``sam_step`` from
+:func:`agsopt.sharpness.vsam_sam_step_hint`); ``hints=False`` runs the one default program.
+
+Defaults of :func:`train`: the MLP, hidden 64, depth 1, batch 64 (21 steps per epoch), 20
+epochs (420 steps). :func:`train` returns the clean test accuracy, the wall time (with and without
 compilation), the per-step wall times (each step ``block_until_ready``) and, for vSAM, the
 fraction of SAM steps.
 """
@@ -60,6 +70,8 @@ from flax import nnx
 import agsopt
 
 METHODS = ("sgd", "sam", "bsam", "ausam", "vsam")
+MODELS = ("mlp", "cnn")
+AUSAM_FULL_BATCH_EPOCHS = 1  # agsopt.ausam's default, the reference's
 ALL_METHODS = (*METHODS, "optax_sam")
 LABELS = {
     "sgd": "SGD",
@@ -137,9 +149,29 @@ class MLP(nnx.Module):
         return self.output(x)
 
 
-def init_model(seed: int, *, hidden: int, depth: int, din: int = 64) -> tuple[Any, PyTree]:
-    """``(graphdef, params)`` of a fresh :class:`MLP`; ``params`` is a pure nested dict of
-    arrays (``nnx.to_pure_dict`` of the ``nnx.Param`` state), which ``nnx.merge`` accepts.
+class CNN(nnx.Module):
+    """Two 3×3 conv layers (16 and 32 channels, SAME, ReLU) and a dense output layer, on the
+    8×8 digits given flat (``[B, 64]``)."""
+
+    def __init__(self, dout: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 16, (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), padding="SAME", rngs=rngs)
+        self.output = nnx.Linear(8 * 8 * 32, dout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], 8, 8, 1)
+        x = jax.nn.relu(self.conv1(x))
+        x = jax.nn.relu(self.conv2(x))
+        return self.output(x.reshape(x.shape[0], -1))
+
+
+def init_model(
+    seed: int, *, hidden: int, depth: int, din: int = 64, model: str = "mlp"
+) -> tuple[Any, PyTree]:
+    """``(graphdef, params)`` of a fresh :class:`MLP` (``model="mlp"``; ``hidden``, ``depth``)
+    or :class:`CNN` (``model="cnn"``; ``hidden`` and ``depth`` unused); ``params`` is a pure
+    nested dict of arrays (``nnx.to_pure_dict`` of the ``nnx.Param`` state), which
+    ``nnx.merge`` accepts.
 
     A pure dict rather than the ``nnx.State`` itself because every jitted step passes the
     parameters, the momentum and (vSAM) the stored PSF in and out, and flattening and
@@ -147,8 +179,15 @@ def init_model(seed: int, *, hidden: int, depth: int, din: int = 64) -> tuple[An
     (identity ``jit``: 144 µs for the 4-leaf State against 33 µs for the same dict) — as much
     as a whole SGD step of the small model.
     """
-    model = MLP(din, hidden, NUM_CLASSES, depth=depth, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model, nnx.Param)
+    if model == "mlp":
+        module: nnx.Module = MLP(din, hidden, NUM_CLASSES, depth=depth, rngs=nnx.Rngs(seed))
+    elif model == "cnn":
+        if din != 64:
+            raise ValueError(f"the conv net takes the 8×8 digits (din=64), got din={din}")
+        module = CNN(NUM_CLASSES, rngs=nnx.Rngs(seed))
+    else:
+        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+    graphdef, state = nnx.split(module, nnx.Param)
     return graphdef, nnx.to_pure_dict(state)
 
 
@@ -261,18 +300,28 @@ def build(
     hp: HParams = HParams(),
     seed: int = 0,
     vsam_warmup_steps: int | None = None,
+    model: str = "mlp",
 ) -> tuple[Any, optax.GradientTransformationExtraArgs, Callable[..., Any]]:
     """``(graphdef, optimizer, jitted step)`` for one configuration, cached, so that callers
     asking for the same configuration (e.g. a benchmark timing the very steps it trains
     with) share one compilation. The parameters come from :func:`init_model`."""
     return _build(
-        method, steps_per_epoch, epochs, num_examples, hidden, depth, hp, seed, vsam_warmup_steps
+        method,
+        steps_per_epoch,
+        epochs,
+        num_examples,
+        hidden,
+        depth,
+        hp,
+        seed,
+        vsam_warmup_steps,
+        model,
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _build(method, steps_per_epoch, epochs, num_examples, hidden, depth, hp, seed, warmup):
-    graphdef, _ = init_model(0, hidden=hidden, depth=depth)  # the structure only
+@functools.lru_cache(maxsize=64)
+def _build(method, steps_per_epoch, epochs, num_examples, hidden, depth, hp, seed, warmup, model):
+    graphdef, _ = init_model(0, hidden=hidden, depth=depth, model=model)  # the structure only
     opt = make_optimizer(
         method,
         steps_per_epoch=steps_per_epoch,
@@ -288,15 +337,19 @@ def _build(method, steps_per_epoch, epochs, num_examples, hidden, depth, hp, see
 def make_train_step(
     method: str, graphdef: Any, opt: optax.GradientTransformationExtraArgs
 ) -> Callable[..., tuple[PyTree, Any, jax.Array]]:
-    """Jitted ``step(params, opt_state, x_all, y_all, ids) -> (params, opt_state, loss)``.
+    """Jitted ``step(params, opt_state, x_all, y_all, ids, hint=None) -> (params, opt_state,
+    loss)``.
 
     The batch is ``x_all[ids]``, gathered on the device. ``loss`` is the mean loss at the
     unperturbed parameters on the batch (AUSAM: on its sampled subset, the only loss it
-    evaluates).
+    evaluates). ``hint`` is static (one compiled program per value): AUSAM's ``full_batch``
+    or vSAM's ``sam_step`` phase hint, ignored by the other methods; None is the default
+    single program. A hint never changes the result, only which branch runs outside
+    ``lax.cond``.
     """
     per_example_loss, loss_fn = make_losses(graphdef)
 
-    def step(params, opt_state, x_all, y_all, ids):
+    def step(params, opt_state, x_all, y_all, ids, hint=None):
         if method == "ausam":
             x_b, y_b = x_all[ids], y_all[ids]
 
@@ -304,7 +357,12 @@ def make_train_step(
                 return per_example_loss(p, x_b[positions], y_b[positions])  # gather first
 
             updates, opt_state = opt.update(
-                None, opt_state, params, per_example_loss_fn=per_example_loss_fn, ids=ids
+                None,
+                opt_state,
+                params,
+                per_example_loss_fn=per_example_loss_fn,
+                ids=ids,
+                full_batch=hint,
             )
             loss = opt_state[0].loss
         else:
@@ -316,13 +374,29 @@ def make_train_step(
                 updates, opt_state = opt.update(
                     grads, opt_state, params, grad_fn=lambda p, _: jax.grad(loss_fn)(p, x, y)
                 )
+            elif method == "vsam":
+                updates, opt_state = opt.update(
+                    grads, opt_state, params, value_fn=lambda p: loss_fn(p, x, y), sam_step=hint
+                )
             else:
                 updates, opt_state = opt.update(
                     grads, opt_state, params, value_fn=lambda p: loss_fn(p, x, y)
                 )
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step)
+    return jax.jit(step, static_argnames="hint")
+
+
+def phase_hint(method: str, opt_state: Any, epoch: int, hp: HParams, steps_per_epoch: int):
+    """The static ``hint`` of the next step of ``method`` (see :func:`make_train_step`):
+    AUSAM's ``full_batch = epoch < 1``, vSAM's :func:`agsopt.sharpness.vsam_sam_step_hint`
+    (reads the state), None for the other methods."""
+    if method == "ausam":
+        return epoch < AUSAM_FULL_BATCH_EPOCHS
+    if method == "vsam":
+        warmup = hp.vsam_warmup_epochs * steps_per_epoch
+        return agsopt.sharpness.vsam_sam_step_hint(opt_state[0], warmup_steps=warmup)
+    return None
 
 
 # --------------------------------------------------------------------------- training
@@ -380,11 +454,15 @@ def train(
     data_seed: int = 0,
     hp: HParams = HParams(),
     data: DigitsData | None = None,
+    model: str = "mlp",
+    hints: bool = True,
 ) -> TrainResult:
-    """Train the MLP on noisy digits with ``method`` and evaluate on the clean test set.
+    """Train ``model`` on noisy digits with ``method`` and evaluate on the clean test set.
 
     ``seed`` drives the initialization, the shuffling and the optimizers' own keys;
     ``data_seed`` the split and the label noise (pass ``data`` to reuse a loaded split).
+    ``hints`` runs AUSAM and vSAM with their phase hints (one program per phase, the
+    documented loop); False runs the default single program (same results).
     """
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {ALL_METHODS}")
@@ -393,7 +471,7 @@ def train(
     steps_per_epoch = n_train // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} exceeds the training set ({n_train})")
-    graphdef, params = init_model(seed, hidden=hidden, depth=depth)
+    graphdef, params = init_model(seed, hidden=hidden, depth=depth, model=model)
     _, opt, step = build(
         method,
         steps_per_epoch=steps_per_epoch,
@@ -403,6 +481,7 @@ def train(
         depth=depth,
         hp=hp,
         seed=seed,
+        model=model,
     )
     opt_state = opt.init(params)
     x_all, y_all = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -412,13 +491,14 @@ def train(
     flags: list[bool] = []
     loss = jnp.zeros(())
     start = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(n_train).astype(np.int32)
         for s in range(steps_per_epoch):
             ids = order[s * batch_size : (s + 1) * batch_size]
             t0 = time.perf_counter()
+            hint = phase_hint(method, opt_state, epoch, hp, steps_per_epoch) if hints else None
             params, opt_state, loss = jax.block_until_ready(
-                step(params, opt_state, x_all, y_all, ids)
+                step(params, opt_state, x_all, y_all, ids, hint=hint)
             )
             times.append(time.perf_counter() - t0)
             if method == "vsam":

@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; runs in the repository root
 #
-# Runs `python -m benchmarks --device-suite` (estimators, then sam_steps, full mode), which
+# Runs `python -m benchmarks --device-suite` (estimators, then sam_steps, full mode; sam_steps
+# includes the SAM-family epoch-time tables on the digits MLP and conv net of issue #19), which
 # writes benchmarks/results/device/<device>/{estimators,sam_steps,summary}.{json,md}, every
 # file stamped with the device kind, JAX/jaxlib versions and the date; commit that folder.
 # It refuses to run when JAX sees only the CPU (a CPU run must not be filed as a device

@@ -18,11 +18,19 @@ with SGD, to get the average cost of its mix of steps.
 Part 2, training. Each method trains the small digits MLP (64 → 64 → 10, batch 64, 20
 epochs, 20 % label noise, reference-style hyperparameters; see :mod:`benchmarks.digits`) and
 is scored on the clean test set; total training time includes compilation.
+
+Part 3, epoch time on two models (issue #19): :mod:`benchmarks.sam_epochs` trains SGD,
+SAM, AUSAM and vSAM on the digits MLP and on a small conv net, all methods interleaved step
+by step, and reports epoch time, steps/s and accuracy per phase (AUSAM's sampled epochs,
+vSAM's warm-up and later epochs), with the conv-net targets. AUSAM and vSAM run everywhere
+in the documented form: the jitted step takes the static phase hint (AUSAM
+``full_batch``, vSAM ``sam_step``), so each step's branch runs outside ``lax.cond``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import common, digits
+import agsopt
+
+from . import common, digits, sam_epochs
 
 NAME = "sam_steps"
 
@@ -59,6 +69,7 @@ def _config(quick: bool) -> dict[str, Any]:
             "train_seeds": (0,),
             "train_methods": digits.METHODS,
             "diagnostics": False,
+            "epochs_part": {"epochs": 4, "seeds": (0,), "defaults": False, "models": ("cnn",)},
         }
     return {
         "hidden": 512,
@@ -73,6 +84,7 @@ def _config(quick: bool) -> dict[str, Any]:
         "train_seeds": (0, 1, 2),
         "train_methods": digits.ALL_METHODS,
         "diagnostics": True,
+        "epochs_part": sam_epochs.config(quick=False),
     }
 
 
@@ -152,20 +164,27 @@ def step_costs(bench: StepBench) -> tuple[dict[str, dict[str, Any]], dict[str, A
         steps[method] = (opt, step)
         candidates[method] = (step, bench.args(opt.init(bench.params)))
 
+    # AUSAM and vSAM: the program of each phase (the static phase hint, as documented)
     opt, step = bench.step("ausam")
     steps["ausam"] = (opt, step)
-    candidates["ausam"] = (step, bench.args(_ausam_sampled_state(bench, opt, step)))
+    candidates["ausam"] = (
+        functools.partial(step, hint=False),
+        bench.args(_ausam_sampled_state(bench, opt, step)),
+    )
 
     opt, step = bench.step("vsam")
     steps["vsam"] = (opt, step)
     sam_state, other_state = _vsam_states(bench, opt)
-    candidates["vsam_other"] = (step, bench.args(other_state))
-    candidates["vsam_sam"] = (step, bench.args(sam_state))
+    candidates["vsam_other"] = (functools.partial(step, hint=False), bench.args(other_state))
+    candidates["vsam_sam"] = (functools.partial(step, hint=True), bench.args(sam_state))
 
     if bench.cfg["diagnostics"]:
         # AUSAM's first-epoch (full-batch) step, and its ideal: SAM/SGD on k = B/2 examples
         opt, step = steps["ausam"]
-        candidates["ausam_first_epoch"] = (step, bench.args(opt.init(bench.params)))
+        candidates["ausam_first_epoch"] = (
+            functools.partial(step, hint=True),
+            bench.args(opt.init(bench.params)),
+        )
         half = bench.batch // 2
         half_ids = bench.ids[:half]
         for method in ("sgd", "sam"):
@@ -282,7 +301,7 @@ def vsam_epoch(bench: StepBench, steps: dict[str, Any]) -> dict[str, Any]:
     p_v, s_v = bench.params, opt_v.init(bench.params)
     p_s, s_s = bench.params, opt_s.init(bench.params)
     for ids in batches[:warmup]:
-        p_v, s_v, _ = step_v(p_v, s_v, x_all, y_all, ids)
+        p_v, s_v, _ = step_v(p_v, s_v, x_all, y_all, ids, hint=True)
         p_s, s_s, _ = step_s(p_s, s_s, x_all, y_all, ids)
     jax.block_until_ready((p_v, s_v, p_s, s_s))
     assert int(s_v[0].num_sam_steps) == warmup
@@ -295,8 +314,9 @@ def vsam_epoch(bench: StepBench, steps: dict[str, Any]) -> dict[str, Any]:
             if which == "sgd":
                 p_s, s_s, _ = jax.block_until_ready(step_s(p_s, s_s, x_all, y_all, ids))
                 t_s.append(time.perf_counter() - t0)
-            else:
-                p_v, s_v, _ = jax.block_until_ready(step_v(p_v, s_v, x_all, y_all, ids))
+            else:  # the documented loop: the host picks the program from the state
+                hint = agsopt.sharpness.vsam_sam_step_hint(s_v[0], warmup_steps=warmup)
+                p_v, s_v, _ = jax.block_until_ready(step_v(p_v, s_v, x_all, y_all, ids, hint=hint))
                 t_v.append(time.perf_counter() - t0)
                 flags.append(bool(s_v[0].last_was_sam))
     t_v, t_s, flags = np.asarray(t_v), np.asarray(t_s), np.asarray(flags)
@@ -372,6 +392,10 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
     stats, steps = step_costs(bench)
     epoch = vsam_epoch(bench, steps)
     train_rows = training(cfg, data)
+    model_epochs = sam_epochs.run_models(cfg["epochs_part"], data)
+    epoch_tables, epoch_targets = sam_epochs.tables_and_targets(
+        model_epochs, cfg["epochs_part"], judged=not quick
+    )
 
     labels = {
         "sgd": "SGD",
@@ -452,6 +476,8 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
         )
     )
 
+    targets += epoch_targets
+
     epoch_row = {
         "steps": epoch["steps"],
         "SAM steps": epoch["sam_steps"],
@@ -496,9 +522,11 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
                 "AUSAM is timed on a state past its first epoch: every timed step samples "
                 f"k = {bench.batch // 2} of {bench.batch} examples and runs both SAM passes "
                 "on them only (no caller gradient: AUSAM computes its own).",
-                "vSAM: 'SAM step' is a state in its warm-up, 'other step' a state past it in "
-                "a window without SAM steps (caller's gradient + PSF reuse, lax.cond skips "
-                "the second gradient).",
+                "vSAM: 'SAM step' is a state in its warm-up, timed with the sam_step=True "
+                "program; 'other step' a state past it in a window without SAM steps "
+                "(caller's gradient + PSF reuse; the default program, whose lax.cond skips "
+                "the second gradient). AUSAM's steps run the program of their phase "
+                "(full_batch=False sampled, True first epoch).",
                 "optax.contrib.sam in opaque mode with sync_period=2 runs the ascent inside "
                 "update: one update call = caller's gradient + one adversarial step + "
                 "grad_fn at w + ρĝ + the outer (descent) update — the same two gradients "
@@ -537,6 +565,7 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
                 "f ≈ 1/K.",
             ],
         ),
+        *epoch_tables,
         common.make_table(
             "Training on digits with 20 % label noise (clean test set)",
             [
@@ -590,6 +619,7 @@ def run(quick: bool, out_dir: Path | None = None) -> dict[str, Any]:
             "sam_vs_optax": sam_vs_optax,
             "vsam_epoch": epoch,
             "model": model,
+            "epochs_part": model_epochs,
         },
     )
     if out_dir is not None:

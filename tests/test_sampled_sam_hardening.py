@@ -308,3 +308,37 @@ def test_state_dtypes_are_kept_across_steps(kind, x64, dtype, stat_dtype):
         for x in stats:
             assert x.dtype == stat_dtype
             assert np.all(np.isfinite(np.asarray(x, np.float64)))
+
+
+# ------------------------------------------- step counts that do not fit the int32 count
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps_per_epoch": 2**30}, "3·1073741824"),  # 3 warm-up epochs overflow int32
+        ({"steps_per_epoch": 2**31, "warmup_epochs": 1}, "warm-up"),
+        ({"warmup_steps": 2**40}, "warmup_steps=1099511627776"),
+        ({"warmup_steps": 10, "window": 2**31}, "window"),
+    ],
+)
+def test_vsam_refuses_a_warmup_beyond_the_int32_step_count(kwargs, match):
+    """Issue #18 item 9: these were accepted and failed at the first update (OverflowError)."""
+    with pytest.raises(ValueError, match=match):
+        vsam(0.05, **kwargs)
+    # the largest warm-up that fits still runs: every step of it is a SAM step
+    opt = vsam(0.05, warmup_steps=2**31 - 1, window=4, var_blocks=2)
+    params = {"w": jnp.ones(3)}
+    _, state = opt.update(params, opt.init(params), params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+    assert bool(state.last_was_sam)
+
+
+@pytest.mark.parametrize("name", ["steps_per_epoch", "trans_epoch", "full_batch_epochs"])
+def test_ausam_refuses_epoch_settings_beyond_the_int32_step_count(name):
+    kwargs = {"steps_per_epoch": 5, name: 2**40}
+    with pytest.raises(ValueError, match=name):
+        ausam(N_EXAMPLES, 0.1, **kwargs)
+    opt = ausam(N_EXAMPLES, 0.1, **{**kwargs, name: 2**31 - 1})
+    params = {"w": jnp.asarray(W, jnp.float32)}
+    _, state = ausam_step(opt, opt.init(params), params)
+    assert int(state.count) == 1

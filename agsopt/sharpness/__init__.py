@@ -48,6 +48,7 @@ from agsopt.sharpness._vsam import (
     vsam_relative_change,
     vsam_reuse_step,
     vsam_sam_step,
+    vsam_sam_step_hint,
     vsam_step_position,
     vsam_window_control,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "vsam_relative_change",
     "vsam_reuse_step",
     "vsam_sam_step",
+    "vsam_sam_step_hint",
     "vsam_step_position",
     "vsam_window_control",
 ]

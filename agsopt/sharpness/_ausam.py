@@ -30,8 +30,20 @@ throw the saving away. The loss arrives as two keyword extra arguments::
 gather those examples *before* the forward pass (``x[positions]``), so that only ``m``
 examples are evaluated. ``m`` is static: ``k`` in sampled steps, ``B`` in the first epoch.
 Under ``jit`` the first-epoch/sampled choice is a ``lax.cond`` whose two branches both
-return a params-shaped gradient; only the taken branch runs, so a sampled step really costs
-two passes over ``k`` examples. ``B`` is read from ``ids.shape[0]`` at trace time.
+return a params-shaped gradient; only the taken branch runs. ``B`` is read from
+``ids.shape[0]`` at trace time.
+
+Phase hint (``full_batch``, a static Python bool; default None). XLA:CPU compiles a
+``lax.cond`` branch apart from the main program and runs a convolution's gradient there far
+slower (≈ 20× on a small conv net; matrix products are not affected), so on CPU a conv net
+pays for the ``cond`` itself. Passing ``full_batch=True`` during the full-batch epochs and
+``full_batch=False`` after them compiles a program whose step is straight-line code (one
+program per phase: make it a ``static_argnames`` argument of ``jax.jit``); a sampled step
+then really costs two passes over ``k`` examples. The hint never changes the result: the
+program checks it against the state's epoch and, if it is wrong, also runs the other branch
+(inside a ``lax.cond`` skipped when the hint is right) and returns that. Without a hint (or
+with ``full_batch_epochs=0``, or ``k = B``) there is one program. On accelerators the
+hinted program is the same straight-line code. See the training-loops guide.
 
 The state (:class:`AUSAMState`) holds the sharpness record of every training example (the
 sum and number of its DLP observations; ``ADLP = sum/count``, see :func:`ausam_adlp`), the
@@ -76,6 +88,8 @@ for this configuration (``num_examples`` entries in the record, the key's shape)
 
 Example — a complete training loop (plain-JAX MLP; the data loader yields dataset ids)::
 
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,14 +123,19 @@ Example — a complete training loop (plain-JAX MLP; the data loader yields data
     params = init_mlp(jax.random.key(0))
     opt_state = opt.init(params)
 
-    @jax.jit
-    def train_step(params, opt_state, x, y, ids):
+    @functools.partial(jax.jit, static_argnames="full_batch")
+    def train_step(params, opt_state, x, y, ids, full_batch):
         def per_example_loss_fn(p, positions):
             logits = mlp(p, x[positions])  # gather first: only len(positions) examples run
             return optax.softmax_cross_entropy_with_integer_labels(logits, y[positions])
 
         updates, opt_state = opt.update(
-            None, opt_state, params, per_example_loss_fn=per_example_loss_fn, ids=ids
+            None,
+            opt_state,
+            params,
+            per_example_loss_fn=per_example_loss_fn,
+            ids=ids,
+            full_batch=full_batch,  # the phase hint: one compiled program per phase
         )
         return optax.apply_updates(params, updates), opt_state
 
@@ -124,7 +143,9 @@ Example — a complete training loop (plain-JAX MLP; the data loader yields data
         order = rng.permutation(n)  # the loader shuffles and hands out the dataset ids
         for s in range(steps_per_epoch):
             ids = order[s * batch : (s + 1) * batch]
-            params, opt_state = train_step(params, opt_state, x_all[ids], y_all[ids], ids)
+            params, opt_state = train_step(
+                params, opt_state, x_all[ids], y_all[ids], ids, full_batch=epoch < 1
+            )
         print(epoch, float(opt_state[0].loss))  # last subset's loss (biased to sharp ones)
     accuracy = np.mean(np.argmax(mlp(params, x_all), 1) == y_all)
 
@@ -179,6 +200,7 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
+from agsopt.sharpness._hinted import check_phase_hint, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_radius,
@@ -492,6 +514,11 @@ def ausam(
       eps: added to ``‖g‖`` so a zero gradient gives ε = 0 and a finite update.
       axis_name: m-sharpness over this mapped axis (see the module docstring).
 
+    ``update`` also takes the keyword ``full_batch`` (None, or a static bool: whether this
+    step is in the ``full_batch_epochs``): a hint that compiles that branch outside
+    ``lax.cond``, which XLA:CPU needs for conv nets to save compute; it never changes the
+    result (see the module docstring).
+
     Under ``optax.inject_hyperparams`` (e.g. to schedule ``rho``) name ``num_examples``,
     ``steps_per_epoch``, ``alpha``, ``trans_epoch``, ``full_batch_epochs``, ``key`` and
     ``axis_name`` in ``static_args``.
@@ -506,6 +533,13 @@ def ausam(
     steps_per_epoch = validation.check_int("steps_per_epoch", steps_per_epoch, minimum=1)
     trans_epoch = validation.check_int("trans_epoch", trans_epoch, minimum=0)
     full_batch_epochs = validation.check_int("full_batch_epochs", full_batch_epochs, minimum=0)
+    for name, value in (
+        ("steps_per_epoch", steps_per_epoch),
+        ("trans_epoch", trans_epoch),
+        ("full_batch_epochs", full_batch_epochs),
+    ):
+        if value > np.iinfo(np.int32).max:  # compared with the int32 step count
+            raise ValueError(f"{name} must fit in int32 (≤ 2**31 - 1), got {value}")
     if isinstance(alpha, bool) or not validation.is_concrete(alpha) or np.ndim(alpha) != 0:
         raise TypeError(
             "alpha must be a static real number (it fixes the subset size k), got "
@@ -544,9 +578,11 @@ def ausam(
         *,
         per_example_loss_fn: Callable[[PyTree, jax.Array], jax.Array] | None = None,
         ids: jax.Array | None = None,
+        full_batch: bool | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, AUSAMState]:
         del updates, extra_args  # AUSAM computes its own gradient on the subset
+        full_batch = check_phase_hint("full_batch", full_batch, "agsopt.ausam")
         _check_call(per_example_loss_fn, params)
         ids, valid = ausam_valid_ids(_check_ids(ids, num_examples), num_examples)
         _check_state(state, num_examples, key_shape)
@@ -581,9 +617,16 @@ def ausam(
             positions, sharp, dlp, loss = full_branch(None)
         elif full_batch_epochs == 0:
             positions, sharp, dlp, loss = sampled_branch(None)
-        else:
+        elif full_batch is None:
             positions, sharp, dlp, loss = jax.lax.cond(
                 epoch < full_batch_epochs, full_branch, sampled_branch, None
+            )
+        else:  # the caller's phase hint: that branch runs outside any lax.cond
+            hinted, other = (
+                (full_branch, sampled_branch) if full_batch else (sampled_branch, full_branch)
+            )
+            positions, sharp, dlp, loss = run_hinted_branch(
+                (epoch < full_batch_epochs) == full_batch, hinted, other
             )
 
         sharp = mean_over_shards(sharp, axis_name)

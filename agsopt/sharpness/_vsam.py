@@ -52,7 +52,21 @@ step does little besides ``g + r_w·psf``. The state (:class:`VSAMState`) is a
 NamedTuple of fixed-size arrays and the stored PSF (a params-shaped pytree); it exposes
 ``num_sam_steps``, ``base_sr``, the current window's ``schedule`` and ``last_was_sam``.
 
+SAM-step hint (``sam_step``, a static Python bool; default None). XLA:CPU compiles a
+``lax.cond`` branch apart from the main program and runs a convolution's gradient there far
+slower (≈ 20× on a small conv net), so on CPU a conv net's SAM steps (the whole warm-up
+included) cost far more than SAM's. ``update(..., sam_step=True)`` compiles a program whose
+SAM step is straight-line code; the other steps keep the default program, which never calls
+``value_fn`` on them. :func:`vsam_sam_step_hint` tells the host, from the state, which
+program the next step needs (True in the warm-up and at the window's scheduled SAM
+positions); the training loop then makes ``sam_step`` a ``static_argnames`` argument of
+``jax.jit`` (two programs). The hint never changes the result: with ``sam_step=True`` on a
+step that is not a SAM step the program also runs the other branch (inside a ``lax.cond``
+skipped when the hint is right) and returns it; ``sam_step=False`` is the default program.
+
 Example — a complete training loop::
+
+    import functools
 
     import jax
     import jax.numpy as jnp
@@ -60,6 +74,7 @@ Example — a complete training loop::
     import optax
 
     from agsopt import vsam
+    from agsopt.sharpness import vsam_sam_step_hint
 
     rng = np.random.default_rng(0)
     x_all = rng.normal(size=(2048, 16)).astype(np.float32)
@@ -85,11 +100,11 @@ Example — a complete training loop::
     )
     opt_state = opt.init(params)
 
-    @jax.jit
-    def train_step(params, opt_state, x, y):
+    @functools.partial(jax.jit, static_argnames="sam_step")
+    def train_step(params, opt_state, x, y, sam_step):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = opt.update(
-            grads, opt_state, params, value_fn=lambda p: loss_fn(p, x, y)
+            grads, opt_state, params, value_fn=lambda p: loss_fn(p, x, y), sam_step=sam_step
         )
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -97,7 +112,11 @@ Example — a complete training loop::
         order = rng.permutation(len(x_all))
         for s in range(steps_per_epoch):
             idx = order[s * batch : (s + 1) * batch]
-            params, opt_state, loss = train_step(params, opt_state, x_all[idx], y_all[idx])
+            # which program: reads the state (waits for the last step); warm-up = 3 epochs
+            sam_step = vsam_sam_step_hint(opt_state[0], warmup_steps=3 * steps_per_epoch)
+            params, opt_state, loss = train_step(
+                params, opt_state, x_all[idx], y_all[idx], sam_step=sam_step
+            )
     vstate = opt_state[0]
     print(int(vstate.num_sam_steps), "SAM steps of", int(vstate.count), float(loss))
 
@@ -165,6 +184,7 @@ import optax
 
 from agsopt import _validation as validation
 from agsopt.sharpness._ausam import _saturating_add, _statistics_dtype
+from agsopt.sharpness._hinted import check_phase_hint, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_radius,
@@ -195,6 +215,7 @@ __all__ = [
     "vsam_relative_change",
     "vsam_reuse_step",
     "vsam_sam_step",
+    "vsam_sam_step_hint",
     "vsam_step_position",
     "vsam_window_control",
 ]
@@ -435,6 +456,35 @@ def vsam_reuse_step(
     )
 
 
+def vsam_sam_step_hint(state: VSAMState, *, warmup_steps: int) -> bool:
+    """Host side: the ``sam_step`` hint for the next ``update`` (reads ``state``, so it waits
+    for the last step to finish).
+
+    True when ``state`` already says the next step is a SAM step: in the warm-up
+    (``count < warmup_steps``) and at a SAM position of the current window's schedule.
+    False otherwise, including the first step of each window, whose schedule that very
+    step draws: it runs the default program, correct whichever it turns out to be. A hint
+    only picks which program runs; see ``vsam``'s ``sam_step`` and the module docstring.
+
+    Args:
+      state: the :class:`VSAMState` (for a chain, its element, e.g. ``opt_state[0]``).
+      warmup_steps: the warm-up of this ``vsam`` in steps (``warmup_epochs·steps_per_epoch``
+        when it was given in epochs).
+    """
+    if not isinstance(state, VSAMState):
+        raise TypeError(
+            f"vsam_sam_step_hint: state must be a VSAMState (e.g. opt_state[0] of a chain), "
+            f"got {type(state).__name__}"
+        )
+    warmup_steps = validation.check_int("warmup_steps", warmup_steps, minimum=0)
+    count = int(np.asarray(state.count))
+    if count < warmup_steps:
+        return True
+    schedule = np.asarray(state.schedule)
+    pos = (count - warmup_steps) % schedule.shape[0]
+    return pos != 0 and bool(schedule[pos])
+
+
 def _check_last_layer(last_layer: LastLayer) -> LastLayer:
     if last_layer is None or callable(last_layer):
         return last_layer
@@ -540,6 +590,14 @@ def vsam(
       eps: added to ‖g‖ in ĝ and in the ratio, so zero gradients stay finite.
       axis_name: m-sharpness over this mapped axis; pass the local, un-reduced gradient.
 
+    ``update`` also takes the keyword ``sam_step`` (None, or a static bool, e.g. from
+    :func:`vsam_sam_step_hint`): True compiles the SAM step outside ``lax.cond``, which
+    XLA:CPU needs for conv nets to save compute; it never changes the result (see the
+    module docstring).
+
+    The warm-up and ``window`` must fit in the int32 step count (``ValueError`` otherwise,
+    at construction).
+
     Under ``optax.inject_hyperparams`` (e.g. to schedule ``rho``) name ``steps_per_epoch``,
     ``warmup_epochs``, ``warmup_steps``, ``window``, ``var_blocks``, ``last_layer``,
     ``reuse_steps``, ``key`` and ``axis_name`` in ``static_args``.
@@ -565,7 +623,19 @@ def vsam(
             "as in the reference) or an explicit warmup_steps (changed in agsopt 0.2.0: the "
             "warm-up no longer defaults to 2 * window steps; warmup_steps=2 * window keeps it)"
         )
+    int32_max = int(np.iinfo(np.int32).max)  # the step count is int32
+    if warmup > int32_max:
+        given = (
+            f"warmup_steps={warmup}"
+            if warmup_steps is not None
+            else f"warmup_epochs·steps_per_epoch = {warmup_epochs}·{steps_per_epoch} = {warmup}"
+        )
+        raise ValueError(
+            f"the warm-up must fit in the int32 step count (≤ 2**31 - 1 steps), got {given}"
+        )
     window = validation.check_int("window", window, minimum=2)
+    if window > int32_max:
+        raise ValueError(f"window must fit in int32 (≤ 2**31 - 1), got {window}")
     var_blocks = validation.check_int("var_blocks", var_blocks, minimum=1)
     if window // var_blocks < 2:
         raise ValueError(
@@ -609,9 +679,11 @@ def vsam(
         params: PyTree = None,
         *,
         value_fn: Callable[[PyTree], jax.Array] | None = None,
+        sam_step: bool | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, VSAMState]:
         del extra_args
+        sam_step = check_phase_hint("sam_step", sam_step, "agsopt.vsam")
         value_fn = validation.require_value_fn(value_fn, "agsopt.vsam")
         if params is None:
             raise TypeError("agsopt.vsam: update() needs params")
@@ -639,7 +711,7 @@ def vsam(
         grads = mean_over_shards(updates, axis_name)
         histories = (state.ratio_history, state.psf_norm_history, state.var_history)
 
-        def sam_branch() -> tuple[PyTree, PyTree, Histories, jax.Array, jax.Array]:
+        def sam_branch(_: None = None) -> tuple[PyTree, PyTree, Histories, jax.Array, jax.Array]:
             out, psf, records = vsam_sam_step(
                 value_fn,
                 params,
@@ -656,14 +728,18 @@ def vsam(
             one, zero = jnp.ones_like(state.psf_weight), jnp.zeros_like(state.reuse_count)
             return out, psf, records, one, zero
 
-        def reuse_branch() -> tuple[PyTree, PyTree, Histories, jax.Array, jax.Array]:
+        def reuse_branch(_: None = None) -> tuple[PyTree, PyTree, Histories, jax.Array, jax.Array]:
             out, weight, count = vsam_reuse_step(
                 grads, state.psf, state.psf_weight, state.reuse_count, beta, reuse_steps
             )
             out = jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates)
             return out, state.psf, histories, weight, count
 
-        out, psf, records, psf_weight, reuse_count = jax.lax.cond(is_sam, sam_branch, reuse_branch)
+        if sam_step:  # the caller's hint: the SAM step runs outside any lax.cond
+            branches = run_hinted_branch(is_sam, sam_branch, reuse_branch)
+        else:
+            branches = jax.lax.cond(is_sam, sam_branch, reuse_branch)
+        out, psf, records, psf_weight, reuse_count = branches
         new_state = VSAMState(
             count=optax.safe_increment(state.count),
             key=next_key,
