@@ -44,7 +44,16 @@ QUICK_ROWS: tuple[tuple[str, int], ...] = (("sphere", 2),)
 QUICK_BUDGET = 300
 STARTS = 20
 BUDGET_FACTOR = 2
-PEERS = ("igs-adam", "cma-es", "cma-es-evosax", "gd", "adam")
+PEERS = (
+    "dgs-anisotropic",
+    "dgs-lipschitz",
+    "igs-adam",
+    "ags-adam",
+    "cma-es",
+    "cma-es-evosax",
+    "gd",
+    "adam",
+)
 COLUMNS = [
     "function",
     "d",
@@ -144,7 +153,11 @@ def measure(
 
 
 def report(
-    records: list[dict[str, Any]], rows: Sequence[tuple[str, int]], notes: list[str], name: str
+    records: list[dict[str, Any]],
+    rows: Sequence[tuple[str, int]],
+    notes: list[str],
+    name: str,
+    anisotropy: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     description = (
         "The ASGF paper's protocol (arXiv:2006.10887): starts uniform in the box, the same "
@@ -156,6 +169,10 @@ def report(
         "paper's settings, 20 starts, counted at termination; ASGF counts distinct points, "
         "1.20–1.26× fewer than its calls): the reference to beat, not re-measured here."
     )
+    extra_tables, extra_targets = [], []
+    if anisotropy:
+        table, extra_targets = anisotropy_table(anisotropy)
+        extra_tables.append(table)
     return common.make_report(
         name,
         "Black-box benchmark (ASGF protocol)",
@@ -166,19 +183,91 @@ def report(
                 COLUMNS,
                 [row(r) for r in records],
                 notes=[
-                    "GD, Adam and the AGS/IGS presets keep no best point: the protocol "
+                    "GD, Adam and the AGS/IGS presets keep no best point (dgs does: among "
+                    "every evaluated point): the protocol "
                     "evaluates f at each iterate outside the count, which favours them.",
                     "CMA-ES (pycma): the ASGF repository's settings — default population "
                     "4 + ⌊3 ln d⌋, σ0 per function (sphere 1, ackley 5, levy 4, rastrigin 5), "
                     "tolx 1e-6, no restarts; evosax's CMA-ES: the same population, σ0 = "
                     "box width / 4, stopping at tolx 1e-6.",
                 ],
-            )
+            ),
+            *extra_tables,
         ],
         notes=[*notes, f"pycma {_version('cma') or 'not installed'}"],
-        targets=targets(records, rows),
-        data={"records": records},
+        targets=[*targets(records, rows), *extra_targets],
+        data={"records": records, "anisotropy": anisotropy or []},
     )
+
+
+ANISOTROPY_ROWS: tuple[tuple[str, int], ...] = tuple(
+    (name, 10)
+    for name in (
+        "sphere",
+        "ackley",
+        "levy",
+        "rastrigin",
+        "rotated_rastrigin",
+        "rastrigin_multifrequency",
+        "rotated_rastrigin_multifrequency",
+        "mixed_asymmetric",
+        "ellipsoid",
+        "rotated_ellipsoid",
+        "rosenbrock",
+        "griewank",
+    )
+)
+"""Issue 17's anisotropy comparison: the anisotropic and the one-radius preset on the same
+starts, rugged, rotated and ill-conditioned functions included (d = 10)."""
+ANISOTROPY_BUDGET = 300_000
+ANISOTROPY_METHODS = ("dgs", "dgs-anisotropic")
+
+
+def anisotropy_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict]]:
+    """Anisotropic over isotropic mean evaluations per function, and issue 17's targets:
+    ≤ 0.8× on at least two functions, never > 1.25× (a lower success rate counts as a loss)."""
+    by = {(r["function"], r["method"]): r for r in records}
+    rows, ratios = [], []
+    for function, _ in ANISOTROPY_ROWS:
+        iso, aniso = by.get((function, "dgs")), by.get((function, "dgs-anisotropic"))
+        if iso is None or aniso is None:
+            continue
+        ratio = None
+        if iso["mean_evaluations"] and aniso["mean_evaluations"]:
+            ratio = aniso["mean_evaluations"] / iso["mean_evaluations"]
+        worse_rate = aniso["success_rate"] < iso["success_rate"]
+        ratios.append((ratio, worse_rate))
+        rows.append(
+            {
+                "function": function,
+                "one radius": f"{100 * iso['success_rate']:.0f} %, "
+                f"{_rounded(iso['mean_evaluations'])}",
+                "anisotropic": f"{100 * aniso['success_rate']:.0f} %, "
+                f"{_rounded(aniso['mean_evaluations'])}",
+                "ratio": None if ratio is None else round(ratio, 3),
+            }
+        )
+    wins = sum(1 for r, worse in ratios if r is not None and r <= 0.8 and not worse)
+    worst = max((r for r, _ in ratios if r is not None), default=None)
+    targets = [
+        common.target(
+            "anisotropic ≤ 0.8× the one-radius preset's evaluations on at least two functions",
+            wins >= 2,
+            f"{wins} function(s) at ≤ 0.8×",
+        ),
+        common.target(
+            "anisotropic never > 1.25× (nor a lower success rate)",
+            worst is not None and worst <= 1.25 and not any(worse for _, worse in ratios),
+            f"largest ratio {worst if worst is None else round(worst, 2)}",
+        ),
+    ]
+    table = common.make_table(
+        f"Anisotropy: dgs-anisotropic against dgs (one radius), d = 10, budget {ANISOTROPY_BUDGET}",
+        ["function", "one radius", "anisotropic", "ratio"],
+        rows,
+        notes=["success rate, mean evaluations to success; ratio = anisotropic / one radius"],
+    )
+    return table, targets
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -191,7 +280,10 @@ def run(quick: bool) -> dict[str, Any]:
     records, notes = measure(rows, starts, budgets, names)
     if quick:
         notes.append("quick mode: sphere at d = 2, 2 starts, evosax's CMA-ES left out")
-    return report(records, rows, notes, "blackbox")
+        return report(records, rows, notes, "blackbox")
+    budgets = {r: ANISOTROPY_BUDGET for r in ANISOTROPY_ROWS}
+    anisotropy, _ = measure(ANISOTROPY_ROWS, starts, budgets, ANISOTROPY_METHODS)
+    return report(records, rows, notes, "blackbox", anisotropy=anisotropy)
 
 
 def _rows(text: str) -> tuple[tuple[str, int], ...]:

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from agsopt import functions as fns
-from agsopt.smoothing import ags_adam, igs_adam, igs_gd
+from agsopt.smoothing import ags_adam, dgs, dgs_blackbox, igs_adam, igs_gd
 
 __all__ = [
     "ASGF_CMA_SIGMA0",
@@ -50,6 +50,7 @@ __all__ = [
     "box_gd",
     "cma_population_size",
     "cma_sigma0",
+    "dgs_preset",
     "evosax_cma_es",
     "method_names",
     "pycma_cma_es",
@@ -178,6 +179,23 @@ def smoothing_preset(kind: str) -> TransformationFactory:
                 width / 20, 1, DECAY, end_value=width * FLOOR / 20
             )
         return builders[kind](learning_rate, sigma=sigma, num_samples=int(dim), key=key)
+
+    return factory
+
+
+def dgs_preset(**dgs_kwargs: Any) -> TransformationFactory:
+    """:func:`agsopt.dgs_blackbox` from the box (scalars: the same interval in every
+    coordinate), with ``dgs_kwargs`` for :func:`agsopt.dgs` on top. One setting for every
+    function and dimension."""
+
+    def factory(lower: float, upper: float, dim: int, key: jax.Array):
+        del dim  # the box recipe reads d at init
+        _width(lower, upper)
+        if not dgs_kwargs:
+            return dgs_blackbox(lower, upper, key=key)
+        width = float(upper) - float(lower)
+        radius = lambda d: width * math.sqrt(d) / (10 * math.sqrt(2.0))  # noqa: E731
+        return dgs(radius, key=key, **dgs_kwargs)
 
     return factory
 
@@ -350,6 +368,28 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method(
+            "dgs",
+            "agsopt.dgs_blackbox: directional Gauss–Hermite smoothing (M = 5, all d "
+            "directions, the last gradient first), curvature step, ASGF radius rule and "
+            "restarts, s0 = box diagonal/(10√2), one radius",
+            library=True,
+            factory=dgs_preset(),
+        ),
+        Method(
+            "dgs-anisotropic",
+            "dgs with a wider radius across the main direction where the node values are "
+            "rough (anisotropic=True)",
+            library=True,
+            factory=dgs_preset(anisotropic=True),
+        ),
+        Method(
+            "dgs-lipschitz",
+            "dgs with ASGF's Lipschitz step lr = √2 s/L̄ (L̄_0 = 1, no lr bounds) instead of "
+            "the curvature step",
+            library=True,
+            factory=dgs_preset(step="lipschitz"),
+        ),
+        Method(
             "ags-adam",
             "AGS-Adam (default covariance rule), σ0 = w/10, η0 = w/20, both × 0.995^k, N = d",
             library=True,
@@ -396,7 +436,7 @@ METHODS: dict[str, Method] = {
 }
 """The registered methods by name."""
 
-DEFAULT_METHODS: tuple[str, ...] = ("ags-adam", "igs-adam")
+DEFAULT_METHODS: tuple[str, ...] = ("dgs",)
 """What ``python -m agsopt blackbox`` runs without ``--methods``: the library's recommended
 black-box presets."""
 
