@@ -151,8 +151,28 @@ def test_noise_table_is_checked():
         agsopt.ags(noise_table=jnp.zeros((8, 8)))
     with pytest.raises(TypeError, match="noise_table"):
         agsopt.ags(noise_table=[0.0] * 64)
-    with pytest.raises(ValueError, match="noise_table must be 1-D with at least d = 5"):
-        agsopt.ags(noise_table=jnp.zeros(4)).init(PARAMS)
+    # d = 5 needs 100·6 + 4 = 604 numbers (a relative bias √(6/(L − 4)) ≤ 0.1), checked at init
+    short = agsopt.ags(noise_table=make_noise_table(jax.random.key(0), 603))
+    with pytest.raises(ValueError, match="noise_table of L = 603 .* at least 604 numbers"):
+        short.init(PARAMS)
+    agsopt.ags(noise_table=make_noise_table(jax.random.key(0), 604)).init(PARAMS)
+
+
+@pytest.mark.parametrize(
+    "table, problem",
+    [
+        (make_noise_table(jax.random.key(0), 4096).at[7].set(jnp.nan), "non-finite"),
+        (jnp.zeros(4096), "E t² is 0"),
+        (3.0 * make_noise_table(jax.random.key(0), 4096), "E t² is"),
+        (jax.random.uniform(jax.random.key(0), (4096,), minval=-(3**0.5), maxval=3**0.5), "kurt"),
+    ],
+    ids=["nan", "zeros", "scaled", "uniform"],
+)
+def test_noise_table_contents_are_checked_at_construction(table, problem):
+    """A NaN table made every step "skip" and blamed the loss; a zero table gave zero
+    updates; a scaled or uniform one gave wrong-sized gradients, all silently."""
+    with pytest.raises(ValueError, match=f"noise_table.*{problem}"):
+        agsopt.ags(noise_table=table)
 
 
 def test_sigma_schedule_follows_the_count():

@@ -152,13 +152,16 @@ def ags(
       sample_sharding: shard the Monte Carlo sample axis over devices (see
         :func:`agsopt.estimator.smoothed_value_and_grad`).
       noise_table: a 1-D array of standard normals, e.g.
-        ``agsopt.smoothing.make_noise_table(jax.random.key(1), 1 << 22)``: every direction
+        ``agsopt.smoothing.make_noise_table(jax.random.key(1), dim=d)``: every direction
         is a slice of it at a random offset (one random integer per direction instead of d
         normals), at the statistical price stated in
         :func:`agsopt.estimator.smoothed_value_and_grad`. Off (``None``) by default. The
         table is held by the transformation, not its state (checkpoints stay small), so it
         is a constant of every compiled step (``2²²`` float32 numbers add 16 MiB to the
-        program); it must hold at least d numbers (checked at ``init``).
+        program). Checked at construction: finite and roughly standard normal (mean,
+        variance, kurtosis, lag-1 correlation); at ``init``: at least
+        ``minimum_table_size(d) = 100(d + 1) + d − 1`` numbers, a relative bias
+        ``√((d + 1)/(L − d + 1)) ≤ 0.1`` (:mod:`agsopt.smoothing.directions`).
 
     Non-finite losses at some samples are left out and counted in ``num_nonfinite``. A step
     at which no sample is finite, or whose estimate is not finite (∇f_Σ out of float range),
@@ -187,7 +190,7 @@ def ags(
         )
     key_data, key_impl = key_for_state(key)
     if noise_table is not None:
-        check_noise_table(noise_table, 1, "agsopt.ags")
+        check_noise_table(noise_table, None, "agsopt.ags")
 
     def init_fn(params: PyTree) -> AGSState:
         validation.check_float_params(params, "agsopt.ags")

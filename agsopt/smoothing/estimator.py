@@ -412,9 +412,12 @@ def smoothed_value_and_grad(
         :func:`~agsopt.smoothing.directions.make_noise_table`: direction n is a slice of it
         at a random offset from ``fold_in(key, n)``, one random integer instead of d
         normals per direction (a shared noise table, arXiv:1703.03864). Cheaper draws at a
-        statistical price: given the table, E[u uᵀ] is the table's lagged second moment,
-        not I (bias O(1/√L) for a table of L numbers), and slices closer than d overlap;
-        see :func:`~agsopt.smoothing.directions.sample_directions`.
+        statistical price: given the table the estimate's mean is Ĉ∇f_Σ, Ĉ the table's
+        lagged second moment, off by about ``√((d + 1)/(L − d + 1))`` of ‖∇f_Σ‖ for a table
+        of L numbers, and slices closer than d overlap; see
+        :func:`~agsopt.smoothing.directions.sample_directions`. A table shorter than
+        ``minimum_table_size(d)`` (bias > 0.1), non-finite or not roughly standard normal
+        is a ``ValueError`` naming ``noise_table``.
       curvature: also estimate ``diag(Σᵀ ∇²f_Σ(x) Σ)`` from the same evaluations by the
         second-order Stein identity ``E[f(x + Σu)(uuᵀ − I)] = Σᵀ∇²f_Σ(x)Σ`` (module doc), into
         :attr:`SmoothedEstimate.curvature`: ``Σ_n (v_n − v̄)(u_ni² − 1)/(N_valid − 1)``, NaN
