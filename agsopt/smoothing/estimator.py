@@ -352,7 +352,9 @@ def _chunk_sums(
 
 def _sum_in_pieces(sums_of: Callable[[jax.Array, int], _Sums], total: int, piece: int) -> _Sums:
     """``Σ sums_of(offset, size)`` over pieces covering ``[0, total)``: the full pieces of
-    ``piece`` in a ``lax.scan`` (one compiled body), then the remainder."""
+    ``piece`` in a ``lax.scan`` (one compiled body), then the remainder. A piece longer
+    than ``total`` (the last, short chunk of an orthogonal run) is cut to ``total``."""
+    piece = min(piece, total)
     num_full, rest = divmod(total, piece)
     if num_full == 1:
         totals = sums_of(jnp.int32(0), piece)
