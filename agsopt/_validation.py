@@ -41,12 +41,18 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
             raise ValueError(f"{name} must be finite and {bound}, got {first_bad}")
 
 
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """``value`` is a Python/NumPy integer ≥ ``minimum``; returns it as ``int``."""
+def check_int(
+    name: str, value: Any, *, minimum: int, maximum: int | None = None, why: str = ""
+) -> int:
+    """``value`` is a Python/NumPy integer in ``[minimum, maximum]``; returns it as ``int``.
+    ``why`` (the reason for ``maximum``) is appended to the error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        reason = f": {why}" if why else ""
+        raise ValueError(f"{name} must be <= {maximum}, got {value}{reason}")
     return int(value)
 
 

@@ -105,6 +105,7 @@ def test_missing_value_fn_or_params():
         ({"sigma": {"v": 0.1, "w": -0.1}}, ValueError, "sigma"),
         ({"num_samples": 0}, ValueError, "num_samples"),
         ({"num_samples": 2.5}, TypeError, "num_samples"),
+        ({"num_samples": 2**30}, ValueError, "num_samples must be <= 1073741823"),
         ({"covariance": "diagonal"}, ValueError, "covariance"),
         ({"covariance": 3}, TypeError, "covariance"),
         ({"method": "central"}, ValueError, "method"),
@@ -116,6 +117,29 @@ def test_missing_value_fn_or_params():
 def test_invalid_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         agsopt.ags(**kwargs)
+
+
+@pytest.mark.parametrize("method", agsopt.estimator.METHODS)
+def test_largest_num_samples_traces(method):
+    """``num_samples = 2**30`` overflowed int32 at trace time (2N evaluations); it is now
+    refused at construction (above), and the largest accepted, ``2**30 − 1``, traces for
+    every method, counting its evaluations exactly."""
+    opt = agsopt.ags(num_samples=2**30 - 1, method=method, covariance="isotropic")
+    step = lambda s: opt.update(ZEROS, s, PARAMS, value_fn=half_square)
+    _, state = jax.eval_shape(step, opt.init(PARAMS))
+    assert state.num_evaluations.dtype == jnp.int32
+    expected = agsopt.estimator.evaluations_per_estimate(method, 2**30 - 1)
+    assert expected < 2**31
+    estimate = lambda: agsopt.smoothed_grad(
+        half_square,
+        PARAMS,
+        jax.random.key(0),
+        agsopt.covariance.isotropic(0.1),
+        num_samples=2**30,
+        method=method,
+    )
+    with pytest.raises(ValueError, match="num_samples must be <= 1073741823"):
+        jax.eval_shape(estimate)
 
 
 def test_noise_table_reaches_the_estimator():

@@ -137,7 +137,8 @@ def ags(
         A schedule (or an injected σ) is checked at every step: a step whose σ is not finite
         and positive (``optax.linear_schedule(0.0, 0.5, 5)`` at count 0) is skipped — zero
         update, nothing evaluated, the rule's state kept — and counted in ``num_skipped``.
-      num_samples: Monte Carlo directions per step (antithetic pairs count once).
+      num_samples: Monte Carlo directions per step (antithetic pairs count once), at most
+        ``2**30 − 1`` (a step's evaluations are counted in int32).
       covariance: ``"adaptive_gradient_aligned"`` (default), ``"gradient_aligned"``,
         ``"adaptive_diagonal"``, ``"curvature_diagonal"`` (radii from the measured curvature
         of f_Σ per coordinate; needs a zero-order ``method`` and ``num_samples ≥ 2``),
@@ -175,7 +176,7 @@ def ags(
     and ``update``) and ``value_fn`` must return a real scalar (checked once per trace).
     """
     _check_sigma(sigma)
-    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    num_samples = estimator.check_num_samples(num_samples)
     validation.check_choice("method", method, METHODS)
     orthogonal = validation.check_bool("orthogonal", orthogonal)
     sigma_static = _sigma_is_static(sigma)

@@ -397,7 +397,8 @@ def smoothed_value_and_grad(
         ``orthogonal``, the same rows orthogonalized within their block).
       matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``. A Σ with a zero or non-finite
         entry gives a non-finite estimate (the :func:`agsopt.ags` wrapper checks σ).
-      num_samples: N, the number of directions u_n (antithetic pairs count once).
+      num_samples: N, the number of directions u_n (antithetic pairs count once), at most
+        ``MAX_NUM_SAMPLES = 2**30 − 1`` (the evaluations are counted in int32).
       method: one of ``"antithetic"``, ``"forward"``, ``"plain"``, ``"first_order"``.
       orthogonal: draw orthogonal directions within blocks of ``min(d, chunk)`` samples.
       chunk_size: samples evaluated per ``vmap`` call; memory is O(chunk_size · d) and the
@@ -447,6 +448,23 @@ def smoothed_value_and_grad(
     )
 
 
+MAX_NUM_SAMPLES = 2**30 - 1
+"""The largest ``num_samples``: one estimate's evaluations (2N for ``"antithetic"``) and the
+sample indices are int32."""
+
+
+def check_num_samples(num_samples: Any) -> int:
+    """``num_samples`` as an int in ``[1, MAX_NUM_SAMPLES]`` (``TypeError``/``ValueError``
+    naming it)."""
+    return validation.check_int(
+        "num_samples",
+        num_samples,
+        minimum=1,
+        maximum=MAX_NUM_SAMPLES,
+        why="an estimate's evaluations (2N for the antithetic method) are counted in int32",
+    )
+
+
 def check_inputs(
     fun: Callable[[PyTree], jax.Array], params: PyTree, *, owner: str, fun_name: str
 ) -> None:
@@ -473,7 +491,7 @@ def estimate(
     curvature: bool = False,
 ) -> SmoothedEstimate:
     """:func:`smoothed_value_and_grad`, with the caller's names in its error messages."""
-    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    num_samples = check_num_samples(num_samples)
     validation.check_choice("method", method, METHODS)
     orthogonal = validation.check_bool("orthogonal", orthogonal)
     curvature = validation.check_bool("curvature", curvature)
