@@ -106,6 +106,33 @@ def _skipped_estimate(shapes: SmoothedEstimate) -> SmoothedEstimate:
     return zeros._replace(value=jnp.full(shapes.value.shape, jnp.nan, shapes.value.dtype))
 
 
+def _check_state(
+    state: AGSState, params: PyTree, rule: CovarianceRule, key_shape: tuple[int, ...]
+) -> None:
+    """Trace-time check that ``state`` was built by this ``ags`` for parameters shaped like
+    ``params``: its key's shape, and its rule state's structure and shapes against
+    ``rule.init(params)`` (e.g. a checkpoint restored into parameters of another size)."""
+    if tuple(jnp.shape(state.key)) != key_shape:
+        raise ValueError(
+            f"agsopt.ags: state.key has shape {tuple(jnp.shape(state.key))}, but this ags's "
+            f"key needs {key_shape}: the state was made by a differently configured ags"
+        )
+    expected = jax.eval_shape(rule.init, params)
+    got = state.rule_state
+    same = jax.tree.structure(got) == jax.tree.structure(expected) and all(
+        jnp.shape(a) == b.shape
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+    )
+    if not same:
+        shapes = lambda tree: jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
+        raise ValueError(
+            "agsopt.ags: state.rule_state does not match these params: the state was "
+            "initialized for other parameters or another covariance rule (e.g. a checkpoint "
+            f"restored into parameters of another size); expected shapes {shapes(expected)}, "
+            f"got {shapes(got)}. Re-initialize it with init(params)."
+        )
+
+
 def ags(
     sigma: ScalarOrSchedule = 0.1,
     num_samples: int = 16,
@@ -214,6 +241,7 @@ def ags(
         value_fn = validation.require_value_fn(value_fn, "agsopt.ags")
         if params is None:
             raise TypeError("agsopt.ags: update() needs params")
+        _check_state(state, params, rule, key_data.shape)
         next_key, step_key = split_state_key(state.key, key_impl)
         sigma_now = sigma(state.count) if callable(sigma) else sigma
 

@@ -350,6 +350,27 @@ def _chunk_sums(
     )
 
 
+def _constrain_samples(
+    directions: jax.Array, sharding: jax.sharding.Sharding, owner: str, num_samples: int, chunk: int
+) -> jax.Array:
+    """``directions`` (one chunk's rows) constrained to ``sample_sharding``. Under ``jit`` a
+    chunk whose row count the sharding does not divide is padded by XLA; outside it (concrete
+    rows) that is a ``ValueError`` naming ``num_samples`` and ``chunk_size``, not JAX's
+    ``IndivisibleError`` about an internal array."""
+    if not isinstance(directions, jax.core.Tracer):
+        try:
+            sharding.shard_shape(directions.shape)
+        except ValueError as err:
+            raise ValueError(
+                f"{owner}: sample_sharding splits each chunk's samples over its devices; "
+                f"called outside jax.jit, every chunk must hold a multiple of that number, "
+                f"but with num_samples={num_samples} and chunks of {chunk} one holds "
+                f"{directions.shape[0]}. Choose num_samples and chunk_size as multiples of "
+                f"the device count, or call under jax.jit (which pads). ({err})"
+            ) from err
+    return jax.lax.with_sharding_constraint(directions, sharding)
+
+
 def _sum_in_pieces(sums_of: Callable[[jax.Array, int], _Sums], total: int, piece: int) -> _Sums:
     """``Σ sums_of(offset, size)`` over pieces covering ``[0, total)``: the full pieces of
     ``piece`` in a ``lax.scan`` (one compiled body), then the remainder. A piece longer
@@ -538,7 +559,7 @@ def estimate(
         # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
         directions = jax.lax.optimization_barrier(directions)
         if sample_sharding is not None:
-            directions = jax.lax.with_sharding_constraint(directions, sample_sharding)
+            directions = _constrain_samples(directions, sample_sharding, owner, num_samples, chunk)
 
         def sums_of_rows(offset, size):
             rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
