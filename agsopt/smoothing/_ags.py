@@ -24,7 +24,13 @@ from agsopt.smoothing import estimator
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
 from agsopt.smoothing.directions import check_noise_table
 from agsopt.smoothing.estimator import METHODS, SmoothedEstimate
-from agsopt.tree_utils import key_for_state, split_state_key, tree_all_finite, tree_size
+from agsopt.tree_utils import (
+    key_for_state,
+    split_state_key,
+    state_key_copy,
+    tree_all_finite,
+    tree_size,
+)
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
@@ -224,16 +230,18 @@ def ags(
         validation.check_float_params(params, "agsopt.ags")
         if noise_table is not None:
             check_noise_table(noise_table, tree_size(params), "agsopt.ags")
-        zero = jnp.zeros((), jnp.int32)
+        # Every field its own buffer, and a copy of the transformation's key: a state donated
+        # to a jitted step (donate_argnums) must neither alias itself nor delete that key.
+        zero = lambda: jnp.zeros((), jnp.int32)
         return AGSState(
-            key=key_data,
-            count=zero,
+            key=state_key_copy(key_data),
+            count=zero(),
             rule_state=rule.init(params),
             value=jnp.zeros((), jnp.float32),  # finite: multi-process device_put compares
-            num_evaluations=zero,
-            num_nonfinite=zero,
-            num_skipped=zero,
-            num_rule_skipped=zero,
+            num_evaluations=zero(),
+            num_nonfinite=zero(),
+            num_skipped=zero(),
+            num_rule_skipped=zero(),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
