@@ -181,7 +181,10 @@ def _check_table_contents(noise_table: Any, owner: str) -> None:
             )
     if isinstance(noise_table, jax.Array):
         key = id(noise_table)
-        _CHECKED[key] = weakref.ref(noise_table, lambda _: _CHECKED.pop(key, None))
+        try:
+            _CHECKED[key] = weakref.ref(noise_table, lambda _: _CHECKED.pop(key, None))
+        except TypeError:  # an array type without weak references: checked every time
+            pass
 
 
 def check_noise_table(
