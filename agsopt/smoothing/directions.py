@@ -73,7 +73,7 @@ DEFAULT_TABLE_SIZE = 1 << 22
 for d ≤ 41,526 parameters; a larger d gets :func:`minimum_table_size` numbers."""
 _SLICES_PER_PARAMETER = 100  # (1 / TABLE_BIAS_LIMIT)², as an exact integer
 _MOMENT_TOLERANCE = 6.0  # standard errors a genuine standard normal table stays within
-_CHECK_BLOCK = 1 << 20  # table entries converted to float64 at a time by the content check
+_CHECK_BLOCK = 1 << 20  # table entries the content check converts to float32 at a time
 
 
 def table_bias(size: int, dim: int) -> float:
