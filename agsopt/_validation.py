@@ -41,8 +41,11 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
             raise ValueError(f"{name} must be finite and {bound}, got {first_bad}")
 
 
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """``value`` is a Python/NumPy integer ≥ ``minimum``; returns it as ``int``.
+def check_int(
+    name: str, value: Any, *, minimum: int, maximum: int | None = None, why: str = ""
+) -> int:
+    """``value`` is a Python/NumPy integer in ``[minimum, maximum]``; returns it as ``int``.
+    ``why`` (the reason for ``maximum``) is appended to the error.
 
     A JAX array here is almost always ``optax.inject_hyperparams`` without ``static_args``
     (it turns every numeric argument into an array): the error says so.
@@ -58,6 +61,9 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        reason = f": {why}" if why else ""
+        raise ValueError(f"{name} must be <= {maximum}, got {value}{reason}")
     return int(value)
 
 
@@ -125,6 +131,7 @@ def _explain_value_fn_errors(value_fn: Callable[..., Any], owner: str) -> Callab
             )
         return out
 
+    checked.__wrapped__ = value_fn  # what was passed (inspect.unwrap), e.g. a masked filler
     return checked
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "as_key",
     "key_for_state",
     "split_state_key",
+    "state_key_copy",
     "tree_add_scaled",
     "tree_all_finite",
     "tree_norm",
@@ -140,6 +141,13 @@ def key_for_state(key: int | jax.Array) -> tuple[jax.Array, Any]:
     """
     typed = as_key(key)
     return jax.random.key_data(typed), jax.random.key_impl(typed)
+
+
+def state_key_copy(key_data: jax.Array) -> jax.Array:
+    """A new buffer holding ``key_data``, for ``init`` to put in a state. A jitted step that
+    donates the state (``donate_argnums``) deletes its buffers; were the state's key the
+    transformation's own key array, the next ``init`` would find it deleted."""
+    return jnp.array(key_data, copy=True)
 
 
 def split_state_key(key_data: jax.Array, impl: Any) -> tuple[jax.Array, jax.Array]:

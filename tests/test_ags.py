@@ -105,6 +105,7 @@ def test_missing_value_fn_or_params():
         ({"sigma": {"v": 0.1, "w": -0.1}}, ValueError, "sigma"),
         ({"num_samples": 0}, ValueError, "num_samples"),
         ({"num_samples": 2.5}, TypeError, "num_samples"),
+        ({"num_samples": 2**30}, ValueError, "num_samples must be <= 1073741823"),
         ({"covariance": "diagonal"}, ValueError, "covariance"),
         ({"covariance": 3}, TypeError, "covariance"),
         ({"method": "central"}, ValueError, "method"),
@@ -116,6 +117,29 @@ def test_missing_value_fn_or_params():
 def test_invalid_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         agsopt.ags(**kwargs)
+
+
+@pytest.mark.parametrize("method", agsopt.estimator.METHODS)
+def test_largest_num_samples_traces(method):
+    """``num_samples = 2**30`` overflowed int32 at trace time (2N evaluations); it is now
+    refused at construction (above), and the largest accepted, ``2**30 − 1``, traces for
+    every method, counting its evaluations exactly."""
+    opt = agsopt.ags(num_samples=2**30 - 1, method=method, covariance="isotropic")
+    step = lambda s: opt.update(ZEROS, s, PARAMS, value_fn=half_square)
+    _, state = jax.eval_shape(step, opt.init(PARAMS))
+    assert state.num_evaluations.dtype == jnp.int32
+    expected = agsopt.estimator.evaluations_per_estimate(method, 2**30 - 1)
+    assert expected < 2**31
+    estimate = lambda: agsopt.smoothed_grad(
+        half_square,
+        PARAMS,
+        jax.random.key(0),
+        agsopt.covariance.isotropic(0.1),
+        num_samples=2**30,
+        method=method,
+    )
+    with pytest.raises(ValueError, match="num_samples must be <= 1073741823"):
+        jax.eval_shape(estimate)
 
 
 def test_noise_table_reaches_the_estimator():
@@ -151,8 +175,28 @@ def test_noise_table_is_checked():
         agsopt.ags(noise_table=jnp.zeros((8, 8)))
     with pytest.raises(TypeError, match="noise_table"):
         agsopt.ags(noise_table=[0.0] * 64)
-    with pytest.raises(ValueError, match="noise_table must be 1-D with at least d = 5"):
-        agsopt.ags(noise_table=jnp.zeros(4)).init(PARAMS)
+    # d = 5 needs 100·6 + 4 = 604 numbers (a relative bias √(6/(L − 4)) ≤ 0.1), checked at init
+    short = agsopt.ags(noise_table=make_noise_table(jax.random.key(0), 603))
+    with pytest.raises(ValueError, match="noise_table of L = 603 .* at least 604 numbers"):
+        short.init(PARAMS)
+    agsopt.ags(noise_table=make_noise_table(jax.random.key(0), 604)).init(PARAMS)
+
+
+@pytest.mark.parametrize(
+    "table, problem",
+    [
+        (make_noise_table(jax.random.key(0), 4096).at[7].set(jnp.nan), "non-finite"),
+        (jnp.zeros(4096), "E t² is 0"),
+        (3.0 * make_noise_table(jax.random.key(0), 4096), "E t² is"),
+        (jax.random.uniform(jax.random.key(0), (4096,), minval=-(3**0.5), maxval=3**0.5), "kurt"),
+    ],
+    ids=["nan", "zeros", "scaled", "uniform"],
+)
+def test_noise_table_contents_are_checked_at_construction(table, problem):
+    """A NaN table made every step "skip" and blamed the loss; a zero table gave zero
+    updates; a scaled or uniform one gave wrong-sized gradients, all silently."""
+    with pytest.raises(ValueError, match=f"noise_table.*{problem}"):
+        agsopt.ags(noise_table=table)
 
 
 def test_sigma_schedule_follows_the_count():

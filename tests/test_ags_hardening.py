@@ -26,6 +26,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from markdown_blocks import device_env
 
 import agsopt
 from agsopt.smoothing._ags import COUNTER_MAX
@@ -439,3 +440,76 @@ def test_state_dtypes_are_stable_in_x64_mode():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(len(RULES) + 1)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_state_for_other_parameters_is_refused(name):
+    """A state (a checkpoint) restored into parameters of another size failed with an
+    unrelated ``dot_general``/broadcasting error; it is a ``ValueError`` naming the state
+    whenever the rule's state depends on the parameters' shapes. A rule whose state does not
+    (isotropic) takes the step."""
+    opt = agsopt.ags(sigma=0.3, num_samples=4, covariance=name)
+    state = opt.init(jnp.zeros(5))
+    other = jnp.full(4, 0.5)
+    step = lambda: opt.update(other, state, other, value_fn=lambda x: jnp.sum(jnp.cos(x)))
+    if not jax.tree.leaves(state.rule_state) or all(
+        jnp.ndim(x) == 0 for x in jax.tree.leaves(state.rule_state)
+    ):
+        updates, _ = step()
+        assert updates.shape == (4,) and np.all(np.isfinite(np.asarray(updates)))
+        return
+    with pytest.raises(ValueError, match="state.rule_state does not match these params"):
+        step()
+    with pytest.raises(ValueError, match="state.rule_state does not match"):
+        jax.jit(lambda s: opt.update(other, s, other, value_fn=lambda x: jnp.sum(x)))(state)
+
+
+def test_state_with_another_key_shape_is_refused():
+    """A state whose key has another shape (another PRNG implementation's checkpoint)."""
+    opt = agsopt.ags(sigma=0.3, num_samples=4, key=0)
+    state = opt.init(PARAMS)._replace(key=jnp.zeros(4, jnp.uint32))
+    with pytest.raises(ValueError, match="state.key has shape"):
+        opt.update(ZEROS, state, PARAMS, value_fn=half_square)
+
+
+SHARDED_EAGER_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    import agsopt
+
+    sharding = NamedSharding(Mesh(jax.devices(), ("s",)), PartitionSpec("s"))
+    fun = lambda x: jnp.sum(jnp.cos(x))
+    x = jnp.full(3, 0.5)
+    for num in (8, 7):
+        opt = agsopt.ags(sigma=0.3, num_samples=num, sample_sharding=sharding, key=1)
+        state = opt.init(x)
+        step = lambda s: opt.update(x, s, x, value_fn=fun)[0]
+        jitted = jax.jit(step)(state)
+        try:
+            eager = step(state)
+            print(num, "eager", float(jnp.max(jnp.abs(eager - jitted))))
+        except ValueError as err:
+            print(num, "error", str(err).splitlines()[0][:200])
+    """
+)
+
+
+def test_sharded_eager_call_with_indivisible_samples_names_num_samples():
+    """Sharded AGS called outside ``jit`` with N not divisible by the device count raised
+    JAX's ``IndivisibleError`` about an internal ``(7, 3)`` array; it is a ``ValueError``
+    naming ``num_samples`` (under ``jit`` XLA pads, and the step runs). Two virtual CPU
+    devices, in a subprocess (the device count is fixed when JAX starts)."""
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_EAGER_SCRIPT],
+        env=device_env(2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    divisible, indivisible = lines[-2].split(), lines[-1]
+    assert divisible[:2] == ["8", "eager"] and float(divisible[2]) < 1e-5
+    assert indivisible.startswith("7 error agsopt.ags: sample_sharding")
+    assert "num_samples=7" in indivisible

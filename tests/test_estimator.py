@@ -24,7 +24,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from agsopt import covariance
-from agsopt.smoothing import default_chunk_size, smoothed_grad, smoothed_value_and_grad
+from agsopt.smoothing import ags, default_chunk_size, smoothed_grad, smoothed_value_and_grad
 from agsopt.smoothing import directions as directions_module
 from agsopt.tree_utils import tree_unflatten_vector
 
@@ -537,6 +537,28 @@ def test_tree_unflatten_vector_keeps_dtype_and_leaf_order():
     np.testing.assert_array_equal(tree["a"], np.arange(4))  # "a" is the first leaf
     np.testing.assert_array_equal(tree["b"], np.arange(4, 10).reshape(2, 3))
     np.testing.assert_array_equal(flat(tree), vector)
+
+
+def test_orthogonal_default_chunks_with_a_remainder():
+    """Orthogonal, default chunks, N not a multiple of the chunk (d = 100, N = 1000: chunks
+    of 655 on CPU, then 345). The last chunk's evaluation pieces were cut with the full
+    chunk's size and the trace failed ("slice_sizes (655, 100) for operand shape (345,
+    100)"). Its estimate is the one of the same chunks evaluated whole (explicit
+    ``chunk_size``: the same directions, one piece per chunk), and through ``ags`` a step is
+    taken."""
+    dim, num = 100, 1000
+    params, key = jnp.full(dim, 0.5), jax.random.key(23)
+    fun = lambda x: jnp.sum(jnp.cos(x))
+    matrix = covariance.isotropic(0.3)
+    chunk = default_chunk_size(dim, num, orthogonal=True)
+    assert num % chunk or jax.default_backend() != "cpu"  # a remainder on CPU (655 + 345)
+    estimate = lambda **kw: smoothed_value_and_grad(
+        fun, params, key, matrix, num_samples=num, orthogonal=True, **kw
+    )
+    assert_same_estimate(estimate(), estimate(chunk_size=chunk))
+    opt = ags(sigma=0.3, num_samples=num, orthogonal=True, covariance="isotropic")
+    updates, state = opt.update(jnp.zeros(dim), opt.init(params), params, value_fn=fun)
+    assert np.all(np.isfinite(np.asarray(updates))) and int(state.num_skipped) == 0
 
 
 @pytest.mark.slow

@@ -224,3 +224,87 @@ def test_asam_weight_mask_reproduces_the_samsunglabs_ascent_step():
 def test_asam_weight_mask_checks_names(names, error):
     with pytest.raises(error, match="names"):
         agsopt.sharpness.asam_weight_mask(names)
+
+
+def _two_groups(rho=0.2):
+    labels = {"body": {"w": "sam", "b": "sam"}, "head": {"w": "plain", "b": "plain"}}
+    return optax.multi_transform(
+        {"sam": optax.chain(agsopt.sam(rho), optax.sgd(0.1)), "plain": optax.sgd(0.3)}, labels
+    )
+
+
+def test_fill_masked_params_built_in_each_step_tracks_the_other_group():
+    """Built from each step's params, ten steps of SAM on the body with the head moved by
+    its own SGD equal the written-out steps (a filler built once kept the head at its first
+    values: 0.08 off after 10 steps)."""
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    opt = _two_groups()
+
+    @jax.jit
+    def step(state, p):
+        grads = jax.grad(loss)(p)
+        updates, state = opt.update(grads, state, p, value_fn=agsopt.fill_masked_params(loss, p))
+        return state, optax.apply_updates(p, updates)
+
+    state, p, expected = opt.init(params), params, params
+    for _ in range(10):
+        state, p = step(state, p)
+        sharp_body, g_head = _sam_on_body(expected, loss, 0.2)
+        expected = {
+            "body": jax.tree.map(lambda w, g: w - 0.1 * g, expected["body"], sharp_body),
+            "head": jax.tree.map(lambda w, g: w - 0.3 * g, expected["head"], g_head),
+        }
+    _close(p, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fill_masked_params_built_once_is_refused():
+    """A filler built before the loop: refused at the first step whose parameters are not
+    the ones it holds (eagerly, the second; under jit, where the held leaves are constants
+    and the step's are traced, the first) with a ValueError saying to build it each step."""
+    params, batch = _setup()
+    loss = lambda p: _loss(p, batch)
+    opt = _two_groups()
+    stale = agsopt.fill_masked_params(loss, params)
+
+    def step(state, p):
+        updates, state = opt.update(jax.grad(loss)(p), state, p, value_fn=stale)
+        return state, optax.apply_updates(p, updates)
+
+    state, p = step(opt.init(params), params)  # the parameters it was built from: fine
+    with pytest.raises(ValueError, match="built once before the training loop"):
+        step(state, p)
+    with pytest.raises(ValueError, match="Build it in every step"):
+        jax.jit(step)(opt.init(params), params)
+    other = {"body": params["body"]}  # another structure
+    with pytest.raises(ValueError, match="another structure"):
+        opt.update(
+            jax.grad(loss)(params),
+            opt.init(params),
+            params,
+            value_fn=agsopt.fill_masked_params(loss, other),
+        )
+
+
+@pytest.mark.parametrize("use", ["cast", "index"])
+def test_plain_loss_touching_a_masked_leaf_is_refused(use):
+    """A plain loss under masking receives ``MaskedNode`` leaves. Cast with
+    ``jnp.asarray(leaf, float32)`` a MaskedNode is an empty array: the head term vanished and
+    the update was silently wrong; indexed, it raised an unrelated IndexError. Both are the
+    TypeError that names ``fill_masked_params`` (the loss is never called on such a tree)."""
+    params, batch = _setup()
+
+    def loss(p):
+        head = jnp.asarray(p["head"]["w"], jnp.float32)
+        scale = jnp.sum(head**2) if use == "cast" else p["head"]["b"][0] ** 2
+        return jnp.sum(jnp.cos(p["body"]["w"])) + (1.0 + scale) * jnp.sum(p["body"]["b"] ** 2)
+
+    # a mask per leaf: each head leaf (not the head subtree) becomes a MaskedNode
+    mask = {"body": {"w": True, "b": True}, "head": {"w": False, "b": False}}
+    opt = optax.masked(agsopt.sam(0.1), mask)
+    with pytest.raises(TypeError, match="fill_masked_params"):
+        opt.update(jax.grad(loss)(params), opt.init(params), params, value_fn=loss)
+    filled = agsopt.fill_masked_params(loss, params)
+    out, _ = opt.update(jax.grad(loss)(params), opt.init(params), params, value_fn=filled)
+    sharp_body, _ = _sam_on_body(params, loss, 0.1)
+    _close(out["body"], sharp_body)

@@ -564,7 +564,7 @@ def ausam(
         dtype = _statistics_dtype(params)
         return AUSAMState(
             count=jnp.zeros((), jnp.int32),
-            key=init_key,
+            key=jnp.array(init_key, copy=True),  # a donated state must not delete init_key
             dlp_sum=jnp.zeros((num_examples,), dtype),
             dlp_count=jnp.zeros((num_examples,), jnp.int32),
             num_invalid_ids=jnp.zeros((), jnp.int32),

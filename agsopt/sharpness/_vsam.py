@@ -657,10 +657,10 @@ def vsam(
 
     def init_fn(params: PyTree) -> VSAMState:
         dtype = _statistics_dtype(params)
-        zeros_k = jnp.zeros((window,), dtype)
+        zeros_k = lambda: jnp.zeros((window,), dtype)  # one buffer per field (donation)
         return VSAMState(
             count=jnp.zeros((), jnp.int32),
-            key=init_key,
+            key=jnp.array(init_key, copy=True),  # a donated state must not delete init_key
             psf=jax.tree.map(jnp.zeros_like, params),
             psf_weight=jnp.zeros((), dtype),
             reuse_count=jnp.asarray(reuse_steps, jnp.int32),
@@ -668,9 +668,9 @@ def vsam(
             schedule=jnp.zeros((window,), jnp.bool_),
             num_sam_steps=jnp.zeros((), jnp.int32),
             last_was_sam=jnp.zeros((), jnp.bool_),
-            ratio_history=zeros_k,
-            psf_norm_history=zeros_k,
-            var_history=zeros_k,
+            ratio_history=zeros_k(),
+            psf_norm_history=zeros_k(),
+            var_history=zeros_k(),
         )
 
     def update_fn(

@@ -24,7 +24,13 @@ from agsopt.smoothing import estimator
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
 from agsopt.smoothing.directions import check_noise_table
 from agsopt.smoothing.estimator import METHODS, SmoothedEstimate
-from agsopt.tree_utils import key_for_state, split_state_key, tree_all_finite, tree_size
+from agsopt.tree_utils import (
+    key_for_state,
+    split_state_key,
+    state_key_copy,
+    tree_all_finite,
+    tree_size,
+)
 
 PyTree = Any
 ScalarOrSchedule = float | jax.Array | PyTree | Callable[[jax.Array], jax.Array]
@@ -106,6 +112,33 @@ def _skipped_estimate(shapes: SmoothedEstimate) -> SmoothedEstimate:
     return zeros._replace(value=jnp.full(shapes.value.shape, jnp.nan, shapes.value.dtype))
 
 
+def _check_state(
+    state: AGSState, params: PyTree, rule: CovarianceRule, key_shape: tuple[int, ...]
+) -> None:
+    """Trace-time check that ``state`` was built by this ``ags`` for parameters shaped like
+    ``params``: its key's shape, and its rule state's structure and shapes against
+    ``rule.init(params)`` (e.g. a checkpoint restored into parameters of another size)."""
+    if tuple(jnp.shape(state.key)) != key_shape:
+        raise ValueError(
+            f"agsopt.ags: state.key has shape {tuple(jnp.shape(state.key))}, but this ags's "
+            f"key needs {key_shape}: the state was made by a differently configured ags"
+        )
+    expected = jax.eval_shape(rule.init, params)
+    got = state.rule_state
+    same = jax.tree.structure(got) == jax.tree.structure(expected) and all(
+        jnp.shape(a) == b.shape
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+    )
+    if not same:
+        shapes = lambda tree: jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
+        raise ValueError(
+            "agsopt.ags: state.rule_state does not match these params: the state was "
+            "initialized for other parameters or another covariance rule (e.g. a checkpoint "
+            f"restored into parameters of another size); expected shapes {shapes(expected)}, "
+            f"got {shapes(got)}. Re-initialize it with init(params)."
+        )
+
+
 def ags(
     sigma: ScalarOrSchedule = 0.1,
     num_samples: int = 16,
@@ -137,7 +170,8 @@ def ags(
         A schedule (or an injected σ) is checked at every step: a step whose σ is not finite
         and positive (``optax.linear_schedule(0.0, 0.5, 5)`` at count 0) is skipped — zero
         update, nothing evaluated, the rule's state kept — and counted in ``num_skipped``.
-      num_samples: Monte Carlo directions per step (antithetic pairs count once).
+      num_samples: Monte Carlo directions per step (antithetic pairs count once), at most
+        ``2**30 − 1`` (a step's evaluations are counted in int32).
       covariance: ``"adaptive_gradient_aligned"`` (default), ``"gradient_aligned"``,
         ``"adaptive_diagonal"``, ``"curvature_diagonal"`` (radii from the measured curvature
         of f_Σ per coordinate; needs a zero-order ``method`` and ``num_samples ≥ 2``),
@@ -152,13 +186,16 @@ def ags(
       sample_sharding: shard the Monte Carlo sample axis over devices (see
         :func:`agsopt.estimator.smoothed_value_and_grad`).
       noise_table: a 1-D array of standard normals, e.g.
-        ``agsopt.smoothing.make_noise_table(jax.random.key(1), 1 << 22)``: every direction
+        ``agsopt.smoothing.make_noise_table(jax.random.key(1), dim=d)``: every direction
         is a slice of it at a random offset (one random integer per direction instead of d
         normals), at the statistical price stated in
         :func:`agsopt.estimator.smoothed_value_and_grad`. Off (``None``) by default. The
         table is held by the transformation, not its state (checkpoints stay small), so it
         is a constant of every compiled step (``2²²`` float32 numbers add 16 MiB to the
-        program); it must hold at least d numbers (checked at ``init``).
+        program). Checked at construction: finite and roughly standard normal (mean,
+        variance, kurtosis, lag-1 correlation); at ``init``: at least
+        ``minimum_table_size(d) = 100(d + 1) + d − 1`` numbers, a relative bias
+        ``√((d + 1)/(L − d + 1)) ≤ 0.1`` (:mod:`agsopt.smoothing.directions`).
 
     Non-finite losses at some samples are left out and counted in ``num_nonfinite``. A step
     at which no sample is finite, or whose estimate is not finite (∇f_Σ out of float range),
@@ -172,7 +209,7 @@ def ags(
     and ``update``) and ``value_fn`` must return a real scalar (checked once per trace).
     """
     _check_sigma(sigma)
-    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    num_samples = estimator.check_num_samples(num_samples)
     validation.check_choice("method", method, METHODS)
     orthogonal = validation.check_bool("orthogonal", orthogonal)
     sigma_static = _sigma_is_static(sigma)
@@ -187,22 +224,24 @@ def ags(
         )
     key_data, key_impl = key_for_state(key)
     if noise_table is not None:
-        check_noise_table(noise_table, 1, "agsopt.ags")
+        check_noise_table(noise_table, None, "agsopt.ags")
 
     def init_fn(params: PyTree) -> AGSState:
         validation.check_float_params(params, "agsopt.ags")
         if noise_table is not None:
             check_noise_table(noise_table, tree_size(params), "agsopt.ags")
-        zero = jnp.zeros((), jnp.int32)
+        # Every field its own buffer, and a copy of the transformation's key: a state donated
+        # to a jitted step (donate_argnums) must neither alias itself nor delete that key.
+        zero = lambda: jnp.zeros((), jnp.int32)
         return AGSState(
-            key=key_data,
-            count=zero,
+            key=state_key_copy(key_data),
+            count=zero(),
             rule_state=rule.init(params),
             value=jnp.zeros((), jnp.float32),  # finite: multi-process device_put compares
-            num_evaluations=zero,
-            num_nonfinite=zero,
-            num_skipped=zero,
-            num_rule_skipped=zero,
+            num_evaluations=zero(),
+            num_nonfinite=zero(),
+            num_skipped=zero(),
+            num_rule_skipped=zero(),
         )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -210,6 +249,7 @@ def ags(
         value_fn = validation.require_value_fn(value_fn, "agsopt.ags")
         if params is None:
             raise TypeError("agsopt.ags: update() needs params")
+        _check_state(state, params, rule, key_data.shape)
         next_key, step_key = split_state_key(state.key, key_impl)
         sigma_now = sigma(state.count) if callable(sigma) else sigma
 

@@ -188,9 +188,10 @@ def adaptive_diagonal(
     if min_ratio > max_ratio:
         raise ValueError(f"min_ratio ({min_ratio}) must not exceed max_ratio ({max_ratio})")
 
-    def init(params):
-        zeros = _f32_zeros_like(params)
-        return AdaptiveDiagonalState(zeros, zeros, jnp.zeros((), jnp.int32))
+    def init(params):  # every field its own buffer (a donated state must not alias itself)
+        return AdaptiveDiagonalState(
+            _f32_zeros_like(params), _f32_zeros_like(params), jnp.zeros((), jnp.int32)
+        )
 
     def matrix(state, sigma):
         correction = 1.0 - decay ** jnp.maximum(state.count - 1, 1).astype(jnp.float32)
@@ -316,9 +317,10 @@ def curvature_diagonal(
         raise ValueError(f"min_ratio ({min_ratio}) must not exceed max_ratio ({max_ratio})")
     validation.check_choice("mode", mode, CURVATURE_MODES)
 
-    def init(params):
-        zeros = _f32_zeros_like(params)
-        return CurvatureDiagonalState(zeros, zeros, jnp.zeros((), jnp.int32))
+    def init(params):  # every field its own buffer (a donated state must not alias itself)
+        return CurvatureDiagonalState(
+            _f32_zeros_like(params), _f32_zeros_like(params), jnp.zeros((), jnp.int32)
+        )
 
     def levels(state):
         """``m_i`` (absolute, negative) or the running standard deviation of h (fluctuation)."""
@@ -413,10 +415,12 @@ def adaptive_gradient_aligned(
     if min_ratio > max_ratio:
         raise ValueError(f"min_ratio ({min_ratio}) must not exceed max_ratio ({max_ratio})")
 
-    def init(params):
-        zero = jnp.zeros((), jnp.float32)
+    def init(params):  # every field its own buffer (a donated state must not alias itself)
         return AdaptiveGradientAlignedState(
-            _f32_zeros_like(params), zero, zero, jnp.zeros((), jnp.int32)
+            _f32_zeros_like(params),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.int32),
         )
 
     def direction(state):

@@ -350,9 +350,32 @@ def _chunk_sums(
     )
 
 
+def _constrain_samples(
+    directions: jax.Array, sharding: jax.sharding.Sharding, owner: str, num_samples: int, chunk: int
+) -> jax.Array:
+    """``directions`` (one chunk's rows) constrained to ``sample_sharding``. Under ``jit`` a
+    chunk whose row count the sharding does not divide is padded by XLA; outside it (concrete
+    rows) that is a ``ValueError`` naming ``num_samples`` and ``chunk_size``, not JAX's
+    ``IndivisibleError`` about an internal array."""
+    if not isinstance(directions, jax.core.Tracer):
+        try:
+            sharding.shard_shape(directions.shape)
+        except ValueError as err:
+            raise ValueError(
+                f"{owner}: sample_sharding splits each chunk's samples over its devices; "
+                f"called outside jax.jit, every chunk must hold a multiple of that number, "
+                f"but with num_samples={num_samples} and chunks of {chunk} one holds "
+                f"{directions.shape[0]}. Choose num_samples and chunk_size as multiples of "
+                f"the device count, or call under jax.jit (which pads). ({err})"
+            ) from err
+    return jax.lax.with_sharding_constraint(directions, sharding)
+
+
 def _sum_in_pieces(sums_of: Callable[[jax.Array, int], _Sums], total: int, piece: int) -> _Sums:
     """``Σ sums_of(offset, size)`` over pieces covering ``[0, total)``: the full pieces of
-    ``piece`` in a ``lax.scan`` (one compiled body), then the remainder."""
+    ``piece`` in a ``lax.scan`` (one compiled body), then the remainder. A piece longer
+    than ``total`` (the last, short chunk of an orthogonal run) is cut to ``total``."""
+    piece = min(piece, total)
     num_full, rest = divmod(total, piece)
     if num_full == 1:
         totals = sums_of(jnp.int32(0), piece)
@@ -395,7 +418,8 @@ def smoothed_value_and_grad(
         ``orthogonal``, the same rows orthogonalized within their block).
       matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``. A Σ with a zero or non-finite
         entry gives a non-finite estimate (the :func:`agsopt.ags` wrapper checks σ).
-      num_samples: N, the number of directions u_n (antithetic pairs count once).
+      num_samples: N, the number of directions u_n (antithetic pairs count once), at most
+        ``MAX_NUM_SAMPLES = 2**30 − 1`` (the evaluations are counted in int32).
       method: one of ``"antithetic"``, ``"forward"``, ``"plain"``, ``"first_order"``.
       orthogonal: draw orthogonal directions within blocks of ``min(d, chunk)`` samples.
       chunk_size: samples evaluated per ``vmap`` call; memory is O(chunk_size · d) and the
@@ -412,9 +436,12 @@ def smoothed_value_and_grad(
         :func:`~agsopt.smoothing.directions.make_noise_table`: direction n is a slice of it
         at a random offset from ``fold_in(key, n)``, one random integer instead of d
         normals per direction (a shared noise table, arXiv:1703.03864). Cheaper draws at a
-        statistical price: given the table, E[u uᵀ] is the table's lagged second moment,
-        not I (bias O(1/√L) for a table of L numbers), and slices closer than d overlap;
-        see :func:`~agsopt.smoothing.directions.sample_directions`.
+        statistical price: given the table the estimate's mean is Ĉ∇f_Σ, Ĉ the table's
+        lagged second moment, off by about ``√((d + 1)/(L − d + 1))`` of ‖∇f_Σ‖ for a table
+        of L numbers, and slices closer than d overlap; see
+        :func:`~agsopt.smoothing.directions.sample_directions`. A table shorter than
+        ``minimum_table_size(d)`` (bias > 0.1), non-finite or not roughly standard normal
+        is a ``ValueError`` naming ``noise_table``.
       curvature: also estimate ``diag(Σᵀ ∇²f_Σ(x) Σ)`` from the same evaluations by the
         second-order Stein identity ``E[f(x + Σu)(uuᵀ − I)] = Σᵀ∇²f_Σ(x)Σ`` (module doc), into
         :attr:`SmoothedEstimate.curvature`: ``Σ_n (v_n − v̄)(u_ni² − 1)/(N_valid − 1)``, NaN
@@ -439,6 +466,23 @@ def smoothed_value_and_grad(
         curvature=curvature,
         owner="agsopt.smoothed_value_and_grad",
         fun_name="fun",
+    )
+
+
+MAX_NUM_SAMPLES = 2**30 - 1
+"""The largest ``num_samples``: one estimate's evaluations (2N for ``"antithetic"``) and the
+sample indices are int32."""
+
+
+def check_num_samples(num_samples: Any) -> int:
+    """``num_samples`` as an int in ``[1, MAX_NUM_SAMPLES]`` (``TypeError``/``ValueError``
+    naming it)."""
+    return validation.check_int(
+        "num_samples",
+        num_samples,
+        minimum=1,
+        maximum=MAX_NUM_SAMPLES,
+        why="an estimate's evaluations (2N for the antithetic method) are counted in int32",
     )
 
 
@@ -468,7 +512,7 @@ def estimate(
     curvature: bool = False,
 ) -> SmoothedEstimate:
     """:func:`smoothed_value_and_grad`, with the caller's names in its error messages."""
-    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    num_samples = check_num_samples(num_samples)
     validation.check_choice("method", method, METHODS)
     orthogonal = validation.check_bool("orthogonal", orthogonal)
     curvature = validation.check_bool("curvature", curvature)
@@ -515,7 +559,7 @@ def estimate(
         # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
         directions = jax.lax.optimization_barrier(directions)
         if sample_sharding is not None:
-            directions = jax.lax.with_sharding_constraint(directions, sample_sharding)
+            directions = _constrain_samples(directions, sample_sharding, owner, num_samples, chunk)
 
         def sums_of_rows(offset, size):
             rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
