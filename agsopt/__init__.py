@@ -30,12 +30,14 @@ from agsopt.sharpness import (
 )
 from agsopt.smoothing import (
     AGSState,
+    AskTell,
     CovarianceRule,
     SmoothedEstimate,
     ags,
     ags_adam,
     ags_gd,
     ags_sgd,
+    ask_tell,
     covariance,
     covariance_rules,
     estimator,
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGSState",
     "AUSAMState",
+    "AskTell",
     "BSAMState",
     "CovarianceRule",
     "SAMState",
@@ -61,6 +64,7 @@ __all__ = [
     "ags_adam",
     "ags_gd",
     "ags_sgd",
+    "ask_tell",
     "ausam",
     "bsam",
     "bsam_reference_schedules",

@@ -6,6 +6,8 @@ and the ``ags`` transformation (AGS, arXiv:2411.11747; IGS is the isotropic case
 - :mod:`agsopt.smoothing.covariance`: smoothing matrices Σ.
 - :mod:`agsopt.smoothing.covariance_rules`: how Σ adapts from step to step.
 - :func:`ags` and the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``.
+- :func:`ask_tell`: the same optimizers with an ask/tell interface, for a function evaluated
+  outside JAX.
 """
 
 from agsopt.smoothing import covariance, covariance_rules, directions, estimator
@@ -20,6 +22,7 @@ from agsopt.smoothing._ags import (
     igs_gd,
     igs_sgd,
 )
+from agsopt.smoothing._ask_tell import AskTell, Ticket, ask_tell
 from agsopt.smoothing.covariance_rules import CovarianceRule
 from agsopt.smoothing.directions import make_noise_table, sample_directions
 from agsopt.smoothing.estimator import (
@@ -33,12 +36,15 @@ from agsopt.smoothing.estimator import (
 __all__ = [
     "DEFAULT_COVARIANCE",
     "AGSState",
+    "AskTell",
     "CovarianceRule",
     "SmoothedEstimate",
+    "Ticket",
     "ags",
     "ags_adam",
     "ags_gd",
     "ags_sgd",
+    "ask_tell",
     "covariance",
     "covariance_rules",
     "default_chunk_size",
