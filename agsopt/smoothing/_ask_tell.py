@@ -12,9 +12,12 @@ and the combination of ``f`` at those points into
 arrays, the caller evaluates them however it likes, and ``tell`` runs the optimizer's own
 ``update`` with those values in place of ``value_fn`` (a
 :class:`~agsopt.smoothing.estimator.TabulatedValues`). The state is the optimizer's state,
-the estimate is computed by the same code: the ask/tell loop and the jitted ``value_fn``
-loop give the same updates and states bit for bit when the values are the same, and they
-can be mixed or checkpointed interchangeably.
+the estimate is computed by the same code: given the same values, the ask/tell loop and
+the jitted ``value_fn`` loop do the same arithmetic on the same numbers, and they can be
+mixed or checkpointed interchangeably. (They are two XLA programs: on CPU, XLA fuses
+``a·b + c`` into one FMA depending on the program around it, so a statistic can differ in
+its last bit; with ``XLA_FLAGS=--xla_disable_hlo_passes=fusion`` the two agree bit for bit,
+as ``tests/test_ask_tell.py`` checks.)
 
 An estimator plugs in as such a pair: :func:`agsopt.smoothing.estimator.points` gives the
 points of a step in a fixed order, and the estimator, given a ``TabulatedValues`` as its
@@ -114,7 +117,7 @@ def ask_tell(
     alone if ``base`` is None): ``ask_tell(optax.adam(lr), **kw)`` is ``agsopt.ags_adam(lr,
     **kw)``, ``ask_tell(optax.sgd(lr), covariance="isotropic", **kw)`` is
     ``agsopt.igs_gd(lr, **kw)``, with the same state and, for the same values of f, the same
-    updates bit for bit. One step::
+    updates (up to XLA's fusion of the two programs, see the module doc). One step::
 
         points, ticket = opt.ask(state, params)        # NumPy, each leaf (M,) + leaf.shape
         values = simulate(points)                      # f at each point, shape (M,)
