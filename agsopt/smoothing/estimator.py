@@ -78,8 +78,10 @@ O(1/d) relative. ``method="first_order"`` does not offer it (``ValueError``).
 Points and values (ask/tell). The zero-order estimators are two halves: the points
 (:func:`points`, in a fixed order) and the combination of ``f`` at those points. Passing a
 :class:`TabulatedValues` as ``fun`` makes the estimator read ``f`` from a table of values
-computed elsewhere (a NumPy simulator: :mod:`agsopt.smoothing.ask_tell`) instead of calling
-a function, through the same code: for the same values the estimate is the same bit for bit.
+computed elsewhere (a NumPy simulator: :func:`agsopt.smoothing.ask_tell`) instead of calling
+a function, through the same code and arithmetic (bit for bit with XLA's fusion pass off;
+``tests/test_ask_tell.py``). An estimator plugs into ask/tell as such a pair: its points in a
+fixed order, and its combination reading a ``TabulatedValues`` at the points' places.
 
 Checks (at trace time): every parameter leaf must be a real floating array (a
 ``TypeError`` naming the leaf otherwise), the tree must have an entry, and ``fun`` must
