@@ -35,6 +35,7 @@ from agsopt.sharpness import (
 )
 from agsopt.smoothing import (
     AGSState,
+    AskTell,
     CovarianceRule,
     DGSState,
     SmoothedEstimate,
@@ -42,6 +43,7 @@ from agsopt.smoothing import (
     ags_adam,
     ags_gd,
     ags_sgd,
+    ask_tell,
     covariance,
     covariance_rules,
     dgs,
@@ -60,6 +62,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AGSState",
     "AUSAMState",
+    "AskTell",
     "BSAMState",
     "CovarianceRule",
     "DGSState",
@@ -71,6 +74,7 @@ __all__ = [
     "ags_adam",
     "ags_gd",
     "ags_sgd",
+    "ask_tell",
     "ausam",
     "bsam",
     "bsam_reference_schedules",

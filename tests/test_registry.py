@@ -40,6 +40,7 @@ NOT_TRANSFORMATIONS = {
     "sam_perturbation",
     "smoothed_grad",
     "smoothed_value_and_grad",
+    "ask_tell",  # an init/ask/tell triple around ags; tested in test_ask_tell.py
     "default_chunk_size",
     "evaluations_per_estimate",
     "make_noise_table",

@@ -12,6 +12,8 @@ and the ``ags`` transformation (AGS, arXiv:2411.11747; IGS is the isotropic case
 - :func:`ags` and the aliases ``ags_gd``, ``ags_sgd``, ``ags_adam``, ``igs_*``.
 - :func:`dgs` (adaptive directional smoothing, black-box) and :func:`dgs_blackbox`, the
   whole recipe from a box.
+- :func:`ask_tell`: the same optimizers with an ask/tell interface, for a function evaluated
+  outside JAX.
 """
 
 from agsopt.smoothing import (
@@ -33,6 +35,7 @@ from agsopt.smoothing._ags import (
     igs_gd,
     igs_sgd,
 )
+from agsopt.smoothing._ask_tell import AskTell, Ticket, ask_tell
 from agsopt.smoothing._dgs import DGSState, dgs, dgs_blackbox
 from agsopt.smoothing.covariance_rules import CovarianceRule
 from agsopt.smoothing.directional import (
@@ -52,15 +55,18 @@ from agsopt.smoothing.estimator import (
 __all__ = [
     "DEFAULT_COVARIANCE",
     "AGSState",
+    "AskTell",
     "CovarianceRule",
     "DGSState",
     "DirectionalEstimate",
     "SmoothedEstimate",
+    "Ticket",
     "ags",
     "ags_adam",
     "ags_gd",
     "ags_sgd",
     "adaptation",
+    "ask_tell",
     "covariance",
     "covariance_rules",
     "default_chunk_size",

@@ -75,6 +75,14 @@ rounding. With fewer than two finite samples it is NaN (undefined). With ``ortho
 longer vanish: each term ``v_n (u_ni² − 1)`` is still unbiased, the centred estimate is off by
 O(1/d) relative. ``method="first_order"`` does not offer it (``ValueError``).
 
+Points and values (ask/tell). The zero-order estimators are two halves: the points
+(:func:`points`, in a fixed order) and the combination of ``f`` at those points. Passing a
+:class:`TabulatedValues` as ``fun`` makes the estimator read ``f`` from a table of values
+computed elsewhere (a NumPy simulator: :func:`agsopt.smoothing.ask_tell`) instead of calling
+a function, through the same code and arithmetic (bit for bit with XLA's fusion pass off;
+``tests/test_ask_tell.py``). An estimator plugs into ask/tell as such a pair: its points in a
+fixed order, and its combination reading a ``TabulatedValues`` at the points' places.
+
 Checks (at trace time): every parameter leaf must be a real floating array (a
 ``TypeError`` naming the leaf otherwise), the tree must have an entry, and ``fun`` must
 return a real scalar (checked once with ``jax.eval_shape``).
@@ -100,8 +108,10 @@ __all__ = [
     "CPU_CHUNK_FLOATS",
     "METHODS",
     "SmoothedEstimate",
+    "TabulatedValues",
     "default_chunk_size",
     "evaluations_per_estimate",
+    "points",
     "sample_directions",
     "smoothed_grad",
     "smoothed_value_and_grad",
@@ -131,6 +141,56 @@ class SmoothedEstimate(NamedTuple):
     num_evaluations: jax.Array
     num_nonfinite: jax.Array
     curvature: PyTree = None
+
+
+class TabulatedValues:
+    """Function values at the points of :func:`points`, given in place of ``fun``.
+
+    ``values[m]`` is ``f`` at point m of :func:`points` for the same parameters, key, Σ and
+    settings (zero-order methods only): the estimator then reads the values instead of
+    evaluating a function, with the same arithmetic, non-finite handling and counters. A
+    value is used in the dtype it has here, as a function's result would be.
+
+    Attributes:
+      values: a 1-D array of ``evaluations_per_estimate(method, num_samples)`` real values.
+    """
+
+    def __init__(self, values: jax.Array):
+        self.values = values
+
+    def __call__(self, params: PyTree) -> jax.Array:
+        raise TypeError(
+            "TabulatedValues holds f at the estimator's own points; it cannot evaluate other "
+            "points (pass it as fun/value_fn to the estimator, e.g. through ask/tell)"
+        )
+
+
+def _segments(method: str, num_samples: int) -> dict[str, int]:
+    """Where each group of points starts in the order of :func:`points`: ``"plus"``
+    (x + Σu_n), ``"minus"`` (x − Σu_n, antithetic) and ``"base"`` (x, forward)."""
+    if method == "antithetic":
+        return {"plus": 0, "minus": num_samples}
+    if method == "forward":
+        return {"base": 0, "plus": 1}
+    return {"plus": 0}
+
+
+def _check_table(table: TabulatedValues, method: str, num_samples: int, owner: str) -> None:
+    if method == "first_order":
+        raise ValueError(
+            f"{owner}: tabulated values need a zero-order method (antithetic, forward, plain), "
+            "got method='first_order' (it needs gradients)"
+        )
+    values = table.values
+    expected = evaluations_per_estimate(method, num_samples)
+    if jnp.ndim(values) != 1 or jnp.shape(values)[0] != expected:
+        raise ValueError(
+            f"{owner}: values must be one value per point, shape ({expected},) for "
+            f"method={method!r} and num_samples={num_samples}; got shape {jnp.shape(values)}"
+        )
+    dtype = jnp.result_type(values)
+    if not jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{owner}: values must be real numbers, got dtype {dtype}")
 
 
 def evaluations_per_estimate(method: str, num_samples: int) -> int:
@@ -265,20 +325,56 @@ def _largest(x: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(valid, jnp.abs(x), 0), initial=0)
 
 
+def _perturbations(params: PyTree, matrix: SmoothingMatrix, flat_directions: jax.Array) -> PyTree:
+    """``Σu_n`` for the rows ``u_n`` of ``flat_directions``, stacked on a leading axis."""
+    directions = jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat_directions)
+    return jax.vmap(matrix.apply)(directions)
+
+
+def _evaluate(fun, params, perturbations, signs, index, value_dtype, num_samples, method):
+    """``f(x + s·Σu_n)`` for each sign s, over the rows; rows are samples ``index, index+1, …``.
+
+    ``fun`` is called through ``vmap``, or a :class:`TabulatedValues` is read at the
+    samples' places in the order of :func:`points`.
+    """
+    if isinstance(fun, TabulatedValues):
+        count = jax.tree.leaves(perturbations)[0].shape[0]
+        segments = _segments(method, num_samples)
+        name = {1.0: "plus", -1.0: "minus"}
+        return tuple(
+            jnp.asarray(
+                jax.lax.dynamic_slice_in_dim(fun.values, segments[name[s]] + index, count),
+                value_dtype,
+            )
+            for s in signs
+        )
+    at = lambda s: lambda p: jnp.asarray(fun(_shift(params, p, s)), value_dtype)
+    return jax.vmap(lambda p: tuple(at(s)(p) for s in signs))(perturbations)
+
+
 def _chunk_sums(
-    fun, params, matrix, flat_directions, method: str, base_value, value_dtype, curvature=False
+    fun,
+    params,
+    matrix,
+    flat_directions,
+    method: str,
+    base_value,
+    value_dtype,
+    curvature=False,
+    index=0,
+    num_samples=0,
 ):
-    """The :class:`_Sums` of one chunk. ``flat_directions`` is ``(chunk, d)``, a direction a row.
+    """The :class:`_Sums` of one chunk. ``flat_directions`` is ``(chunk, d)``, a direction a row,
+    the samples ``index, index+1, …`` of ``num_samples`` (where a table is read).
 
     Each chunk is scaled by ``2**-e``, ``e`` the exponent of its largest finite |value|
     (first-order: also of its largest gradient entry, with an exponent of its own), before
     anything is added, so that finite values never overflow a difference or a sum.
     """
-    directions = jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat_directions)
-    perturbations = jax.vmap(matrix.apply)(directions)
-
-    def at(sign):
-        return lambda p: jnp.asarray(fun(_shift(params, p, sign)), value_dtype)
+    perturbations = _perturbations(params, matrix, flat_directions)
+    evaluate = lambda *signs: _evaluate(
+        fun, params, perturbations, signs, index, value_dtype, num_samples, method
+    )
 
     if method == "first_order":
         values, grads = jax.vmap(jax.value_and_grad(lambda p: fun(_shift(params, p, 1.0))))(
@@ -303,11 +399,11 @@ def _chunk_sums(
         values = _scale_by_pow2(jnp.where(valid, values, 0), -value_exponent)
     else:
         if method == "antithetic":
-            plus, minus = jax.vmap(lambda p: (at(1.0)(p), at(-1.0)(p)))(perturbations)
+            plus, minus = evaluate(1.0, -1.0)
             valid = jnp.isfinite(plus) & jnp.isfinite(minus)
             magnitude = jnp.maximum(_largest(plus, valid), _largest(minus, valid))
         else:
-            values = jax.vmap(at(1.0))(perturbations)
+            (values,) = evaluate(1.0)
             valid = jnp.isfinite(values)
             if method == "forward":
                 valid = valid & jnp.isfinite(base_value)
@@ -486,6 +582,45 @@ def check_num_samples(num_samples: Any) -> int:
     )
 
 
+def _chunking(
+    dim: int,
+    num_samples: int,
+    orthogonal: bool,
+    chunk_size: int | None,
+    sample_sharding: jax.sharding.Sharding | None,
+) -> tuple[int, int | None]:
+    """``(chunk, piece)``: samples whose directions are drawn together (an orthogonal block
+    with ``orthogonal``), and how many of them one ``vmap`` evaluates (``None``: the chunk)."""
+    if chunk_size is None:
+        chunk = default_chunk_size(dim, num_samples, orthogonal=orthogonal)
+        if sample_sharding is not None:  # a default-sized piece for every device
+            chunk = min(num_samples, chunk * len(sample_sharding.device_set))
+    else:
+        chunk = min(validation.check_int("chunk_size", chunk_size, minimum=1), num_samples)
+    # Orthogonal blocks by default span min(d, N) directions; their evaluations then run
+    # in cache-sized pieces (memory is O(block · d) for the block's directions either way).
+    piece = None
+    if orthogonal and chunk_size is None and sample_sharding is None:
+        piece = default_chunk_size(dim, chunk)
+    return chunk, piece
+
+
+def _chunk_directions(key, dim, start, count, orthogonal, noise_dtype, noise_table) -> jax.Array:
+    """One chunk's directions, ``(count, d)``, drawn once (the caller constrains them to a
+    sample sharding)."""
+    directions = sample_directions(
+        key,
+        dim,
+        start,
+        count,
+        orthogonal=orthogonal,
+        dtype=noise_dtype,
+        noise_table=noise_table,
+    )
+    # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
+    return jax.lax.optimization_barrier(directions)
+
+
 def check_inputs(
     fun: Callable[[PyTree], jax.Array], params: PyTree, *, owner: str, fun_name: str
 ) -> None:
@@ -521,50 +656,46 @@ def estimate(
             f"{owner}: curvature=True needs a zero-order method (antithetic, forward, plain): "
             "the curvature is estimated from function values, not from method='first_order'"
         )
-    check_inputs(fun, params, owner=owner, fun_name=fun_name)
+    tabulated = isinstance(fun, TabulatedValues)
+    if tabulated:
+        _check_table(fun, method, num_samples, owner)
+        validation.check_float_params(params, owner)
+    else:
+        check_inputs(fun, params, owner=owner, fun_name=fun_name)
     dim = tree_size(params)
     if noise_table is not None:
         check_noise_table(noise_table, dim, owner)
-    if chunk_size is None:
-        chunk = default_chunk_size(dim, num_samples, orthogonal=orthogonal)
-        if sample_sharding is not None:  # a default-sized piece for every device
-            chunk = min(num_samples, chunk * len(sample_sharding.device_set))
-    else:
-        chunk = min(validation.check_int("chunk_size", chunk_size, minimum=1), num_samples)
+    chunk, piece = _chunking(dim, num_samples, orthogonal, chunk_size, sample_sharding)
     noise_dtype = _noise_dtype(params)
 
     base_value = None
     value_dtype = noise_dtype
     if method == "forward":
-        base_value = jnp.asarray(fun(_lift(params)))
+        if tabulated:
+            base_value = fun.values[_segments(method, num_samples)["base"]]
+        else:
+            base_value = jnp.asarray(fun(_lift(params)))
         base_value = base_value.astype(jnp.promote_types(base_value.dtype, jnp.float32))
         value_dtype = base_value.dtype
 
-    # Orthogonal blocks by default span min(d, N) directions; their evaluations then run
-    # in cache-sized pieces (memory is O(block · d) for the block's directions either way).
-    piece = None
-    if orthogonal and chunk_size is None and sample_sharding is None:
-        piece = default_chunk_size(dim, chunk)
-
     def sums_from(start, count):
-        directions = sample_directions(
-            key,
-            dim,
-            start,
-            count,
-            orthogonal=orthogonal,
-            dtype=noise_dtype,
-            noise_table=noise_table,
-        )
-        # Stored once: XLA on CPU would otherwise redo the normal transform in each consumer.
-        directions = jax.lax.optimization_barrier(directions)
+        directions = _chunk_directions(key, dim, start, count, orthogonal, noise_dtype, noise_table)
         if sample_sharding is not None:
             directions = _constrain_samples(directions, sample_sharding, owner, num_samples, chunk)
 
         def sums_of_rows(offset, size):
             rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
             return _chunk_sums(
-                fun, params, matrix, rows, method, base_value, value_dtype, curvature
+                fun,
+                params,
+                matrix,
+                rows,
+                method,
+                base_value,
+                value_dtype,
+                curvature,
+                index=start + offset,
+                num_samples=num_samples,
             )
 
         return _sum_in_pieces(sums_of_rows, count, piece or count)
@@ -609,6 +740,86 @@ def estimate(
         num_nonfinite=jnp.int32(num_samples) - num_valid,
         curvature=diagonal,
     )
+
+
+def _stack_in_pieces(rows_of: Callable[[jax.Array, int], PyTree], total: int, piece: int):
+    """``rows_of(offset, size)`` for pieces covering ``[0, total)``, concatenated on the
+    leading axis: the full pieces of ``piece`` in a ``lax.map``, then the remainder (the
+    pieces of :func:`_sum_in_pieces`)."""
+    num_full, rest = divmod(total, piece)
+    parts = []
+    if num_full == 1:
+        parts.append(rows_of(jnp.int32(0), piece))
+    elif num_full > 1:
+        offsets = piece * jnp.arange(num_full, dtype=jnp.int32)
+        stacked = jax.lax.map(lambda offset: rows_of(offset, piece), offsets)
+        parts.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stacked))
+    if rest:
+        parts.append(rows_of(jnp.int32(num_full * piece), rest))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def points(
+    params: PyTree,
+    key: jax.Array,
+    matrix: SmoothingMatrix,
+    *,
+    num_samples: int = 16,
+    method: str = "antithetic",
+    orthogonal: bool = False,
+    chunk_size: int | None = None,
+    noise_table: jax.Array | None = None,
+) -> PyTree:
+    """The points a zero-order estimate evaluates ``f`` at, stacked on a new leading axis.
+
+    The first half of the estimator: with the same arguments, :func:`smoothed_value_and_grad`
+    evaluates ``f`` at exactly these points (the same directions, chunks and arithmetic), and
+    given their values as a :class:`TabulatedValues` it returns the same estimate as with
+    ``f``. The order, M = :func:`evaluations_per_estimate` points:
+
+    - ``"antithetic"``: ``x + Σu_0, …, x + Σu_{N−1}, x − Σu_0, …, x − Σu_{N−1}`` (2N);
+    - ``"forward"``: ``x, x + Σu_0, …, x + Σu_{N−1}`` (N + 1);
+    - ``"plain"``: ``x + Σu_0, …, x + Σu_{N−1}`` (N).
+
+    Each leaf has shape ``(M,) + leaf.shape`` in the leaf's accumulation dtype (float32 for
+    bfloat16/float16 leaves), as ``fun`` would receive it. Memory is O(M · d).
+
+    Raises:
+      ValueError: for ``method="first_order"`` (it needs gradients, not values).
+    """
+    owner = "agsopt.smoothing.estimator.points"
+    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    validation.check_choice("method", method, METHODS)
+    if method == "first_order":
+        raise ValueError(
+            f"{owner}: method='first_order' evaluates gradients, not values; use 'antithetic', "
+            "'forward' or 'plain'"
+        )
+    orthogonal = validation.check_bool("orthogonal", orthogonal)
+    validation.check_float_params(params, owner)
+    dim = tree_size(params)
+    if noise_table is not None:
+        check_noise_table(noise_table, dim, owner)
+    chunk, piece = _chunking(dim, num_samples, orthogonal, chunk_size, None)
+    noise_dtype = _noise_dtype(params)
+    signs = (1.0, -1.0) if method == "antithetic" else (1.0,)
+
+    def chunk_points(start, count):
+        directions = _chunk_directions(key, dim, start, count, orthogonal, noise_dtype, noise_table)
+
+        def piece_points(offset, size):
+            rows = jax.lax.dynamic_slice_in_dim(directions, offset, size)
+            perturbations = _perturbations(params, matrix, rows)
+            return tuple(
+                jax.vmap(lambda p, s=s: _shift(params, p, s))(perturbations) for s in signs
+            )
+
+        return _stack_in_pieces(piece_points, count, piece or count)
+
+    groups = _stack_in_pieces(chunk_points, num_samples, chunk)
+    if method == "forward":
+        groups = (jax.tree.map(lambda x: x[None], _lift(params)), *groups)
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *groups)
 
 
 def smoothed_grad(
