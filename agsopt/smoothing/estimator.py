@@ -90,6 +90,7 @@ return a real scalar (checked once with ``jax.eval_shape``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -656,6 +657,8 @@ def estimate(
             f"{owner}: curvature=True needs a zero-order method (antithetic, forward, plain): "
             "the curvature is estimated from function values, not from method='first_order'"
         )
+    if isinstance(inspect.unwrap(fun), TabulatedValues):  # also behind require_value_fn
+        fun = inspect.unwrap(fun)
     tabulated = isinstance(fun, TabulatedValues)
     if tabulated:
         _check_table(fun, method, num_samples, owner)
