@@ -238,3 +238,34 @@ def test_bad_box_and_too_many_directions():
         agsopt.dgs(1.0, num_directions=9).init(jnp.zeros(3))
     with pytest.raises(TypeError, match="value_fn"):
         agsopt.dgs(1.0).update(jnp.zeros(3), agsopt.dgs(1.0).init(jnp.zeros(3)), jnp.zeros(3))
+
+
+def test_ask_tell_gives_the_jitted_steps():
+    """dgs_ask_tell: the points of each step, evaluated outside JAX (NumPy), give the same
+    updates and state as the jitted value_fn path, over steps with a restart-prone radius."""
+
+    def rugged_np(points):
+        return np.sum(points**2 - 3 * np.cos(4 * points), axis=1)
+
+    def rugged(x):
+        return jnp.sum(x**2 - 3 * jnp.cos(4 * x))
+
+    kwargs = {"num_directions": 3, "key": 9}
+    asked = agsopt.dgs_ask_tell(0.8, **kwargs)
+    direct = agsopt.dgs(0.8, **kwargs)
+    x = y = jnp.asarray([2.0, -1.5, 0.3, 1.1])
+    state_a, state_d = asked.init(x), direct.init(y)
+    step = jax.jit(lambda s, p: direct.update(jnp.zeros_like(p), s, p, value_fn=rugged))
+    for _ in range(6):
+        points, ticket = asked.ask(state_a, x)
+        assert points.shape == (3 * 4 + 1, 4)
+        np.testing.assert_array_equal(points[0], np.asarray(x))
+        updates_a, state_a = asked.tell(ticket, rugged_np(np.asarray(points, np.float64)))
+        updates_d, state_d = step(state_d, y)
+        np.testing.assert_allclose(updates_a, updates_d, rtol=2e-4, atol=1e-5)
+        x, y = optax.apply_updates(x, updates_a), optax.apply_updates(y, updates_d)
+        y = x  # continue both from the same point (the paths agree to rounding)
+    assert int(state_a.num_evaluations) == int(state_d.num_evaluations) == 6 * 13
+    np.testing.assert_allclose(state_a.best_value, state_d.best_value, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(13,\)"):
+        asked.tell(asked.ask(state_a, x)[1], np.zeros(12))

@@ -35,12 +35,13 @@ from agsopt.smoothing._ags import (
     igs_gd,
     igs_sgd,
 )
-from agsopt.smoothing._ask_tell import AskTell, Ticket, ask_tell
+from agsopt.smoothing._ask_tell import AskTell, Ticket, ask_tell, dgs_ask_tell
 from agsopt.smoothing._dgs import DGSState, dgs, dgs_blackbox
 from agsopt.smoothing.covariance_rules import CovarianceRule
 from agsopt.smoothing.directional import (
     DirectionalEstimate,
     directional_basis,
+    directional_points,
     directional_value_and_grad,
 )
 from agsopt.smoothing.directions import make_noise_table, sample_directions
@@ -70,10 +71,12 @@ __all__ = [
     "covariance",
     "covariance_rules",
     "default_chunk_size",
+    "dgs_ask_tell",
     "dgs",
     "dgs_blackbox",
     "directional",
     "directional_basis",
+    "directional_points",
     "directional_value_and_grad",
     "directions",
     "estimator",

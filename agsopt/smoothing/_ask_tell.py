@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agsopt.smoothing import estimator
+from agsopt.smoothing import directional, estimator
 from agsopt.smoothing._ags import (
     DEFAULT_COVARIANCE,
     AGSState,
@@ -42,12 +42,13 @@ from agsopt.smoothing._ags import (
     _sigma_is_valid,
     ags,
 )
+from agsopt.smoothing._dgs import DGSState, dgs, step_directions
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
 from agsopt.tree_utils import key_for_state, split_state_key
 
 PyTree = Any
 
-__all__ = ["AskTell", "Ticket", "ask_tell"]
+__all__ = ["AskTell", "Ticket", "ask_tell", "dgs_ask_tell"]
 
 
 class Ticket(NamedTuple):
@@ -227,3 +228,60 @@ def ask_tell(
         return update_with(ticket.state, ticket.params, jnp.asarray(array, dtype))
 
     return AskTell(opt.init, ask_fn, tell_fn)
+
+
+def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
+    """:func:`agsopt.dgs` with an ask/tell interface (the directional Gauss–Hermite
+    estimator, arXiv:2002.03001, with ASGF's adaptation, arXiv:2006.10887).
+
+    ``ask`` returns the ``k (M − 1) + 1`` points of the step
+    (:func:`agsopt.smoothing.directional.directional_points`: x, then each direction's
+    nodes), ``tell`` runs ``dgs``'s own ``update`` with their values: the same state
+    (best point, counters, ``stop``) and the same updates as the jitted ``value_fn`` path for
+    the same values (up to XLA's fusion, see the module doc). Keyword arguments are
+    :func:`agsopt.dgs`'s; ``radius`` may be a function of d, as there.
+    """
+    tx = dgs(radius, **dgs_kwargs)
+    num_directions = dgs_kwargs.get("num_directions")
+    num_nodes = dgs_kwargs.get("num_nodes", 5)
+    _, key_impl = key_for_state(dgs_kwargs.get("key", 0))
+
+    def own_state(state: Any) -> DGSState:
+        if not isinstance(state, DGSState):
+            raise TypeError(
+                "agsopt.dgs_ask_tell: state must come from this optimizer's init (or tell); "
+                f"got {type(state).__name__}"
+            )
+        return state
+
+    def directions_of(state: DGSState) -> int:
+        dim = state.direction.shape[0]
+        return dim if num_directions is None else num_directions
+
+    @jax.jit
+    def points_of(state: DGSState, params: PyTree) -> PyTree:
+        _, basis, radii = step_directions(state, directions_of(state), key_impl)
+        return directional.directional_points(params, basis, radii, num_nodes=num_nodes)
+
+    @jax.jit
+    def update_with(state: DGSState, params: PyTree, values: jax.Array) -> tuple[PyTree, Any]:
+        updates = jax.tree.map(jnp.zeros_like, params)
+        return tx.update(updates, state, params, value_fn=estimator.TabulatedValues(values))
+
+    def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
+        own = own_state(state)
+        batch = jax.tree.map(np.asarray, points_of(own, params))
+        count = directional.evaluations_per_step(directions_of(own), num_nodes)
+        return batch, Ticket(state, params, count)
+
+    def tell_fn(ticket: Ticket, values: Any) -> tuple[PyTree, Any]:
+        if not isinstance(ticket, Ticket):
+            raise TypeError(
+                f"agsopt.dgs_ask_tell: tell needs the Ticket that ask returned, got "
+                f"{type(ticket).__name__}"
+            )
+        array = _check_values(values, ticket.num_points)
+        dtype = own_state(ticket.state).direction.dtype
+        return update_with(ticket.state, ticket.params, jnp.asarray(array, dtype))
+
+    return AskTell(tx.init, ask_fn, tell_fn)

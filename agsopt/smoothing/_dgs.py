@@ -91,6 +91,21 @@ def _add(counter: jax.Array, increment: jax.Array) -> jax.Array:
     return jnp.where(counter > COUNTER_MAX - increment, COUNTER_MAX, counter + increment)
 
 
+def step_directions(
+    state: DGSState, num_directions: int, key_impl: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(next raw key, basis (k, d), radius per direction (k,))`` of the step from ``state``:
+    the basis from this step's key with the last gradient estimate first, the main radius
+    on the first direction and the lateral one on the others."""
+    next_key, step_key = split_state_key(state.key, key_impl)
+    dim = state.direction.shape[0]
+    basis = directional_basis(
+        step_key, dim, num_directions, first=state.direction, dtype=state.direction.dtype
+    )
+    lateral = jnp.broadcast_to(state.radii[1], (num_directions - 1,))
+    return next_key, basis, jnp.concatenate([state.radii[:1], lateral])
+
+
 def _lateral_roughness(roughness: jax.Array) -> jax.Array:
     """Mean roughness of the directions across the main one (NaN if none is finite)."""
     lateral = roughness[1:]
@@ -224,11 +239,7 @@ def dgs(
         s_min = s0 * 1e-4 if min_radius is None else min_radius
         s_max = s0 * 1e3 if max_radius is None else max_radius
         tol = s0 * 1e-7 if tolerance is None else tolerance
-        next_key, step_key = split_state_key(state.key, key_impl)
-        basis = directional_basis(step_key, dim, k, first=state.direction, dtype=dtype)
-        per_direction = jnp.concatenate(
-            [state.radii[:1], jnp.broadcast_to(state.radii[1], (k - 1,))]
-        )
+        next_key, basis, per_direction = step_directions(state, k, key_impl)
         est = directional_value_and_grad(
             value_fn, params, basis, per_direction, num_nodes=num_nodes, chunk_size=chunk_size
         )

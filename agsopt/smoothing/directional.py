@@ -33,6 +33,7 @@ optimizer tracks its best point without another evaluation.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -42,11 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from agsopt.smoothing.directions import orthonormal_rows
+from agsopt.smoothing.estimator import TabulatedValues
 from agsopt.tree_utils import tree_unflatten_vector
 
 __all__ = [
     "DirectionalEstimate",
     "directional_basis",
+    "directional_points",
     "directional_value_and_grad",
     "evaluations_per_step",
     "gauss_hermite",
@@ -156,6 +159,33 @@ def _roughness(values: jax.Array, nodes: np.ndarray) -> jax.Array:
     return jnp.where(spread > 0, rough / jnp.where(spread > 0, spread, 1.0), 0.0)
 
 
+def _offsets(num_nodes: int, dtype: Any) -> jax.Array:
+    """``√2 τ_m`` for the nodes other than τ = 0, in increasing order."""
+    nodes, _ = gauss_hermite(num_nodes)
+    side = np.concatenate([nodes[: num_nodes // 2], nodes[num_nodes // 2 + 1 :]])
+    return jnp.asarray(math.sqrt(2.0) * side, dtype)
+
+
+def directional_points(
+    params: PyTree, directions: jax.Array, radii: jax.Array | float, *, num_nodes: int = 5
+) -> PyTree:
+    """The points :func:`directional_value_and_grad` evaluates, stacked on a new leading axis
+    (the first half of the estimator, for ask/tell): x first, then for each direction i in
+    order its M − 1 nodes ``x + √2 s_i τ_m ξ_i`` (τ_m increasing, τ = 0 left out);
+    ``k (M − 1) + 1`` points. Given their values as an
+    :class:`agsopt.smoothing.estimator.TabulatedValues` in place of ``fn``, the estimator
+    reads them instead of evaluating ``fn``."""
+    num_nodes = _check_num_nodes(num_nodes)
+    x = _flatten(params)
+    k = directions.shape[0]
+    dtype = jnp.result_type(x.dtype, jnp.float32)
+    radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
+    shifts = _offsets(num_nodes, dtype)[None, :, None] * radii[:, None, None] * directions[:, None]
+    flat = jnp.concatenate([x[None].astype(dtype), (x + shifts).reshape(-1, x.shape[0])])
+    flat = flat.astype(x.dtype)
+    return jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat)
+
+
 def directional_value_and_grad(
     fn: Callable[[PyTree], jax.Array],
     params: PyTree,
@@ -192,8 +222,7 @@ def directional_value_and_grad(
     directions = directions.astype(dtype)
     radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
     nodes, weights = gauss_hermite(num_nodes)
-    side = np.concatenate([nodes[: num_nodes // 2], nodes[num_nodes // 2 + 1 :]])
-    offsets = jnp.asarray(math.sqrt(2.0) * side, dtype)  # √2 τ_m, the node τ = 0 left out
+    offsets = _offsets(num_nodes, dtype)  # √2 τ_m, the node τ = 0 left out
 
     def point(shift: jax.Array) -> PyTree:
         return tree_unflatten_vector((x + shift).astype(x.dtype), params)
@@ -202,9 +231,19 @@ def directional_value_and_grad(
         xi, s = row
         return jax.vmap(lambda c: jnp.asarray(fn(point(c * s * xi)), dtype))(offsets)
 
-    center = jnp.asarray(fn(params), dtype)
-    batch = k if chunk_size is None else max(1, min(int(chunk_size), k))
-    side_values = jax.lax.map(values_along, (directions, radii), batch_size=batch)
+    table = inspect.unwrap(fn)
+    if isinstance(table, TabulatedValues):  # ask/tell: the values of directional_points
+        values = jnp.asarray(table.values, dtype)
+        if values.shape != (k * (num_nodes - 1) + 1,):
+            raise ValueError(
+                f"the tabulated values must have shape ({k * (num_nodes - 1) + 1},), one per "
+                f"point of directional_points, got {values.shape}"
+            )
+        center, side_values = values[0], values[1:].reshape(k, num_nodes - 1)
+    else:
+        center = jnp.asarray(fn(params), dtype)
+        batch = k if chunk_size is None else max(1, min(int(chunk_size), k))
+        side_values = jax.lax.map(values_along, (directions, radii), batch_size=batch)
     half = num_nodes // 2
     g = jnp.concatenate(
         [side_values[:, :half], jnp.broadcast_to(center, (k, 1)), side_values[:, half:]], axis=1
