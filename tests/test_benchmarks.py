@@ -18,7 +18,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EVOSAX = importlib.util.find_spec("evosax") is not None
-BENCHMARKS = ("estimators", "estimator_profile", "memory", "quality", "sam_steps", "scaling")
+BENCHMARKS = (
+    "estimators",
+    "estimator_profile",
+    "memory",
+    "quality",
+    "sam_steps",
+    "scaling",
+    "blackbox",
+)
 ENVIRONMENT_KEYS = {"date", "device", "platform", "jax", "device_count", "cpu_count"}
 
 pytestmark = pytest.mark.skipif(
@@ -39,7 +47,7 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # about 3 min on the 2-core CI machine; sam_steps' conv net is most
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     return out
