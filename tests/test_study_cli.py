@@ -283,7 +283,9 @@ def test_readme_study_commands_run_in_order():
     from agsopt.study.cli import _parser, output_folder
 
     text = (DOCS_ROOT / "README.md").read_text()
-    setup = next(b for b in code_blocks(text) if "[study]" in b.code and "agsopt study" in b.code)
+    setup = next(
+        b for b in code_blocks(text) if "pip install" in b.code and "agsopt study" in b.code
+    )
     block = next(b for b in code_blocks(text) if "agsopt study --preset d100" in b.code)
     written = {"results/study"} if "python3 -m agsopt study" in setup.code else set()
     checked = 0

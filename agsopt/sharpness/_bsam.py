@@ -261,8 +261,11 @@ def bsam(
 
     def init_fn(params: PyTree) -> BSAMState:
         base_state = () if inner is None else inner.init(params)
-        zero = jnp.zeros((), jnp.int32)
-        return BSAMState(count=zero, num_skipped=zero, base_state=base_state)
+        return BSAMState(  # one buffer per field (donation)
+            count=jnp.zeros((), jnp.int32),
+            num_skipped=jnp.zeros((), jnp.int32),
+            base_state=base_state,
+        )
 
     def update_fn(
         updates: PyTree,

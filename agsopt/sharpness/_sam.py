@@ -208,8 +208,8 @@ def sam(
 
     def init_fn(params: PyTree) -> SAMState:
         del params
-        zero = jnp.zeros((), jnp.int32)
-        return SAMState(count=zero, num_skipped=zero)
+        # one buffer per field: a step with donated state must not get one array twice
+        return SAMState(count=jnp.zeros((), jnp.int32), num_skipped=jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
