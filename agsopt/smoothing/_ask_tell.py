@@ -82,6 +82,15 @@ class AskTell(NamedTuple):
     tell: Callable[[Ticket, Any], tuple[PyTree, Any]]
 
 
+def _check_ticket(ticket: Any, owner: str) -> Ticket:
+    """``ticket`` is the :class:`Ticket` that ``ask`` returned (else a ``TypeError``)."""
+    if not isinstance(ticket, Ticket):
+        raise TypeError(
+            f"{owner}: tell needs the Ticket that ask returned, got {type(ticket).__name__}"
+        )
+    return ticket
+
+
 def _check_values(values: Any, num_points: int) -> np.ndarray:
     """``values`` as a 1-D NumPy array of ``num_points`` real numbers (else a clear error)."""
     array = np.asarray(values)
@@ -216,12 +225,7 @@ def ask_tell(
         return batch, Ticket(state, params, count)
 
     def tell_fn(ticket: Ticket, values: Any) -> tuple[PyTree, Any]:
-        if not isinstance(ticket, Ticket):
-            raise TypeError(
-                f"agsopt.ask_tell: tell needs the Ticket that ask returned, got "
-                f"{type(ticket).__name__}"
-            )
-        array = _check_values(values, ticket.num_points)
+        array = _check_values(values, _check_ticket(ticket, "agsopt.ask_tell").num_points)
         dtype = estimator._noise_dtype(ticket.params)
         if ticket.num_points == 0:  # σ invalid: ags skips the step without reading values
             array = np.full((num_points,), np.nan)
@@ -275,12 +279,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
         return batch, Ticket(state, params, count)
 
     def tell_fn(ticket: Ticket, values: Any) -> tuple[PyTree, Any]:
-        if not isinstance(ticket, Ticket):
-            raise TypeError(
-                f"agsopt.dgs_ask_tell: tell needs the Ticket that ask returned, got "
-                f"{type(ticket).__name__}"
-            )
-        array = _check_values(values, ticket.num_points)
+        array = _check_values(values, _check_ticket(ticket, "agsopt.dgs_ask_tell").num_points)
         dtype = own_state(ticket.state).direction.dtype
         return update_with(ticket.state, ticket.params, jnp.asarray(array, dtype))
 

@@ -31,6 +31,7 @@ import optax
 
 from agsopt import _validation as validation
 from agsopt.smoothing import adaptation
+from agsopt.smoothing._ags import _saturating_add
 from agsopt.smoothing.directional import (
     _check_num_nodes,
     _flatten,
@@ -43,7 +44,6 @@ __all__ = ["DGSState", "dgs", "dgs_blackbox"]
 
 PyTree = Any
 STEPS = ("curvature", "lipschitz", "gradient")
-COUNTER_MAX = int(np.iinfo(np.int32).max)
 
 
 class DGSState(NamedTuple):
@@ -84,11 +84,6 @@ class DGSState(NamedTuple):
     num_evaluations: jax.Array
     num_nonfinite: jax.Array
     num_skipped: jax.Array
-
-
-def _add(counter: jax.Array, increment: jax.Array) -> jax.Array:
-    increment = jnp.asarray(increment, jnp.int32)
-    return jnp.where(counter > COUNTER_MAX - increment, COUNTER_MAX, counter + increment)
 
 
 def step_directions(
@@ -308,7 +303,7 @@ def dgs(
         )
         new_state = DGSState(
             key=next_key,
-            count=_add(state.count, 1),
+            count=_saturating_add(state.count, 1),
             direction=direction,
             initial_radius=state.initial_radius,
             radii=radii,
@@ -320,9 +315,9 @@ def dgs(
             restarts_left=restarts_left,
             value=est.value,
             stop=stop,
-            num_evaluations=_add(state.num_evaluations, est.num_evaluations),
-            num_nonfinite=_add(state.num_nonfinite, est.num_nonfinite),
-            num_skipped=_add(state.num_skipped, (~ok).astype(jnp.int32)),
+            num_evaluations=_saturating_add(state.num_evaluations, est.num_evaluations),
+            num_nonfinite=_saturating_add(state.num_nonfinite, est.num_nonfinite),
+            num_skipped=_saturating_add(state.num_skipped, (~ok).astype(jnp.int32)),
         )
         # Once stopped nothing moves and the state is kept, but the calls made are counted.
         kept = jax.tree.map(lambda old, new: jnp.where(state.stop, old, new), state, new_state)
