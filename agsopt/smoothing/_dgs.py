@@ -165,6 +165,8 @@ def dgs(
       restarts: radius resets before the restart from the best point (ASGF: 2).
       tolerance: the stopping length of an update (default ``s_0·1e-7``).
       lr_bounds: ``(lr_min, lr_max)`` of the Lipschitz learning rate (default: none).
+      initial_lipschitz: L̄_0, the Lipschitz average before the first step and after a
+        reset (ASGF's 1; ``None``: the first measured L_1).
       key: PRNG key or int seed.
       chunk_size: directions evaluated at once (memory O(chunk_size · M · d)).
     """
