@@ -380,7 +380,8 @@ def dgs_blackbox(
     """
     width = _box_width(lower, upper)
     if width.ndim == 0:
-        radius = lambda dim: float(width) * math.sqrt(dim) / (10 * math.sqrt(2.0))  # noqa: E731
+        side = float(width)  # a Python float: closures may be traced (equinox, optimistix)
+        radius = lambda dim: side * math.sqrt(dim) / (10 * math.sqrt(2.0))  # noqa: E731
     else:
         radius = float(np.linalg.norm(width)) / (10 * math.sqrt(2.0))
     return dgs(
