@@ -791,7 +791,7 @@ def points(
       ValueError: for ``method="first_order"`` (it needs gradients, not values).
     """
     owner = "agsopt.smoothing.estimator.points"
-    num_samples = validation.check_int("num_samples", num_samples, minimum=1)
+    num_samples = check_num_samples(num_samples)
     validation.check_choice("method", method, METHODS)
     if method == "first_order":
         raise ValueError(

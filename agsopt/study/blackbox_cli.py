@@ -23,10 +23,6 @@ from typing import Any
 __all__ = ["add_parser", "run"]
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -37,21 +33,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    from agsopt.study.config import MAX_SEED
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
-    return value
-
-
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     """Add the ``blackbox`` subcommand to ``commands`` (an argparse subparsers object)."""
     from agsopt.study.blackbox_methods import DEFAULT_METHODS
+    from agsopt.study.cli import _names, _seed  # the study's parsers (cli imports this module)
 
     parser = commands.add_parser(
         "blackbox",
