@@ -61,6 +61,7 @@ __all__ = [
     "REGISTRY",
     "TestFunction",
     "ackley",
+    "conditioned_rastrigin",
     "ellipsoid",
     "get",
     "griewank",
@@ -73,6 +74,7 @@ __all__ = [
     "rastrigin_multifrequency",
     "rosenbrock",
     "rotated",
+    "rugged_ellipsoid",
     "sample_starts",
     "schwefel",
     "sphere",
@@ -134,10 +136,12 @@ def ellipsoid(x: jax.Array) -> jax.Array:
     Minimum 0 at x = 0.
     """
     x = _as_vector(x)
-    d = x.shape[0]
-    exponents = 6.0 * np.arange(d) / max(d - 1, 1)
-    weights = jnp.asarray(10.0**exponents, dtype=x.dtype)
-    return jnp.sum(weights * x * x)
+    return jnp.sum(_decades(x.shape[0], 6.0, x.dtype) * x * x)
+
+
+def _decades(d: int, decades: float, dtype: jnp.dtype) -> jax.Array:
+    """``10^(decades·(i−1)/(d−1))``, i = 1..d (ones for d = 1)."""
+    return jnp.asarray(10.0 ** (decades * np.arange(d) / max(d - 1, 1)), dtype=dtype)
 
 
 def rosenbrock(x: jax.Array) -> jax.Array:
@@ -154,6 +158,31 @@ def rastrigin(x: jax.Array) -> jax.Array:
     """Rastrigin: f(x) = 10 d + Σ_i [x_i² − 10 cos(2π x_i)]; box [-5.12, 5.12]; minimum 0 at 0."""
     x = _as_vector(x)
     return jnp.sum(x * x + 10.0 * (1.0 - jnp.cos(2.0 * math.pi * x)))
+
+
+def rugged_ellipsoid(x: jax.Array) -> jax.Array:
+    """Rugged ellipsoid: :func:`ellipsoid` plus Rastrigin's ripples; box [-5.12, 5.12].
+
+    f(x) = Σ_i [10^(6 (i−1)/(d−1)) x_i² + 10 (1 − cos(2π x_i))]: an ill-conditioned
+    envelope (condition 10⁶, the ellipsoid's) with the same ripples along every coordinate.
+    Minimum 0 at x = 0 (both terms are ≥ 0 and vanish only there).
+    """
+    x = _as_vector(x)
+    weights = _decades(x.shape[0], 6.0, x.dtype)
+    return jnp.sum(weights * x * x + 10.0 * (1.0 - jnp.cos(2.0 * math.pi * x)))
+
+
+def conditioned_rastrigin(x: jax.Array) -> jax.Array:
+    """Conditioned Rastrigin: :func:`rastrigin` of ``z = Λx``, Λ_ii = 10^((i−1)/(2(d−1)));
+    box [-5.12, 5.12].
+
+    The conditioning of the BBOB suite's Rastrigin (its Λ^10, without the oscillation and
+    asymmetry transforms): length scales over half a decade, envelope and ripples alike
+    (the envelope's Hessian has condition 10). Minimum 0 at x = 0.
+    """
+    x = _as_vector(x)
+    z = _decades(x.shape[0], 0.5, x.dtype) * x
+    return jnp.sum(z * z + 10.0 * (1.0 - jnp.cos(2.0 * math.pi * z)))
 
 
 def ackley(x: jax.Array) -> jax.Array:
@@ -395,6 +424,8 @@ REGISTRY: dict[str, TestFunction] = {
         _make(rosenbrock, (-5.0, 10.0), _ONES_AT, _ZERO_MIN),
         _make(rastrigin, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
         _make(rastrigin_multifrequency, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
+        _make(rugged_ellipsoid, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
+        _make(conditioned_rastrigin, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
         _make(mixed_asymmetric, (-5.12, 5.12), _ZERO_AT, _ZERO_MIN),
         _make(ackley, (-32.768, 32.768), _ZERO_AT, _ZERO_MIN),
         _make(griewank, (-600.0, 600.0), _ZERO_AT, _ZERO_MIN),

@@ -213,6 +213,10 @@ ANISOTROPY_ROWS: tuple[tuple[str, int], ...] = tuple(
         "mixed_asymmetric",
         "ellipsoid",
         "rotated_ellipsoid",
+        "rugged_ellipsoid",
+        "rotated_rugged_ellipsoid",
+        "conditioned_rastrigin",
+        "rotated_conditioned_rastrigin",
         "rosenbrock",
         "griewank",
     )

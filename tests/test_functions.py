@@ -18,6 +18,7 @@ from agsopt import functions as F
 
 ALL_NAMES = [
     "ackley",
+    "conditioned_rastrigin",
     "ellipsoid",
     "griewank",
     "levy",
@@ -26,6 +27,7 @@ ALL_NAMES = [
     "rastrigin",
     "rastrigin_multifrequency",
     "rosenbrock",
+    "rugged_ellipsoid",
     "schwefel",
     "sphere",
     "styblinski_tang",
@@ -40,6 +42,8 @@ SMOOTH = [
     "styblinski_tang",
     "rastrigin_multifrequency",
     "mixed_asymmetric",
+    "rugged_ellipsoid",
+    "conditioned_rastrigin",
 ]
 
 
@@ -121,7 +125,21 @@ def np_mixed_asymmetric(x):
     return float(total)
 
 
+def np_rugged_ellipsoid(x):
+    d = len(x)
+    w = [1.0] if d == 1 else [10 ** (6 * (i - 1) / (d - 1)) for i in range(1, d + 1)]
+    return float(sum(w[i] * x[i] ** 2 + 10 * (1 - np.cos(2 * np.pi * x[i])) for i in range(d)))
+
+
+def np_conditioned_rastrigin(x):
+    d = len(x)
+    lam = [1.0] if d == 1 else [10 ** (0.5 * (i - 1) / (d - 1)) for i in range(1, d + 1)]
+    return np_rastrigin(np.asarray(lam) * x)
+
+
 NP_REFERENCE = {
+    "rugged_ellipsoid": np_rugged_ellipsoid,
+    "conditioned_rastrigin": np_conditioned_rastrigin,
     "rastrigin_multifrequency": np_rastrigin_multifrequency,
     "mixed_asymmetric": np_mixed_asymmetric,
     "sphere": np_sphere,

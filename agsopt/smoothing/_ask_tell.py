@@ -264,8 +264,8 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
 
     @jax.jit
     def points_of(state: DGSState, params: PyTree) -> PyTree:
-        _, basis, radii = step_directions(state, directions_of(state), key_impl)
-        return directional.directional_points(params, basis, radii, num_nodes=num_nodes)
+        _, _, directions, radii = step_directions(state, directions_of(state), key_impl)
+        return directional.directional_points(params, directions, radii, num_nodes=num_nodes)
 
     @jax.jit
     def update_with(state: DGSState, params: PyTree, values: jax.Array) -> tuple[PyTree, Any]:

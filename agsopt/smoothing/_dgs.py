@@ -8,14 +8,18 @@ rate from the directional curvature or the local Lipschitz estimate, restarts, b
 tracking and a stopping signal.
 :func:`dgs_blackbox` is the whole recipe from the user's box alone.
 
-Radii. The main radius s follows ASGF's threshold rule on the largest smoothness ratio
-``max_i |D_i|/L_i``. With ``anisotropic=True`` the directions across the main one get the
-radius ``a·s``, a ≥ 1 grown where their node values are rough (a quadratic does not explain
-them: ripples, smooth them wider) and shrunk back to 1 where they are smooth
-(:func:`~agsopt.smoothing.adaptation.adapt_factor`), i.e. the gradient-aligned smoothing
-``Σ = a s I + (1 − a) s ξ_1 ξ_1ᵀ`` along this step's basis. Measured on the black-box
-protocol (README, "Black-box benchmark") it does not beat one radius for every direction,
-which is therefore the default (``anisotropic=False``).
+Radius and metric. The radius s follows ASGF's threshold rule on the largest smoothness ratio
+``max_i |D_i|/L_i``. With ``anisotropic=True`` the smoothing is ``Σ = s² diag(a)²``: the
+directions are orthonormal in the scaled coordinates ``y = x / a`` and f is evaluated along
+``a ⊙ ξ_i``. The per-coordinate scales a (geometric mean 1, within ``[1/10, 10]``) are
+learned from the same calls: the directional curvatures are fitted by a diagonal Hessian
+(:func:`~agsopt.smoothing.adaptation.coordinate_curvature`), a moves towards ``h^{-1/2}``
+(``Σ ∝ H⁻¹``, the shape CMA-ES learns) at a rate weighted by how well the last fit predicts
+this step's curvatures (:func:`~agsopt.smoothing.adaptation.diagonal_fit`), and relaxes
+back towards 1 where it does not (ripples, a rotated Hessian). The step is taken in y:
+``Δx = −lr·a ⊙ ∇_y`` (a diagonal preconditioner). Measured on the black-box protocol
+(README, "Black-box benchmark"): far fewer evaluations on ill-conditioned functions, within a
+few per cent elsewhere.
 """
 
 from __future__ import annotations
@@ -54,12 +58,15 @@ class DGSState(NamedTuple):
       count: steps taken.
       direction: the last gradient estimate, flattened (the next basis' first direction).
       initial_radius: s_0 (a restart resets the radius to it).
-      radii: ``(2,)`` — the main direction's radius and the others' (equal when isotropic).
-      thresholds: the radius rule's adaptive thresholds A and B, one per radius.
+      radius: s, the radius of every direction (in the scaled coordinates y = x / a).
+      thresholds: the radius rule's adaptive thresholds A and B.
       lipschitz: L̄, the running average of the main direction's Lipschitz estimate.
       best_value: the smallest finite value of f seen at any evaluated point (+inf at first).
       best_params: where it was seen.
-      best_radii: the radii when it was seen (a restart from the best point resumes them).
+      best_radius: the radius when it was seen (a restart from the best point resumes it).
+      scales: a, the per-coordinate scales of the metric (ones when isotropic).
+      coordinate_curvature: the last diagonal fit of the curvature, in x (zeros before it).
+      metric_fit: running R² of that fit on fresh directions (0–1; the metric's learning rate).
       restarts_left: resets of the radius left before a restart from the best point.
       value: f at the last iterate (NaN before the first step).
       stop: True once a step was shorter than the tolerance: later updates are zero.
@@ -72,12 +79,15 @@ class DGSState(NamedTuple):
     count: jax.Array
     direction: jax.Array
     initial_radius: jax.Array
-    radii: jax.Array
+    radius: jax.Array
     thresholds: adaptation.RadiusThresholds
     lipschitz: jax.Array
     best_value: jax.Array
     best_params: PyTree
-    best_radii: jax.Array
+    best_radius: jax.Array
+    scales: jax.Array
+    coordinate_curvature: jax.Array
+    metric_fit: jax.Array
     restarts_left: jax.Array
     value: jax.Array
     stop: jax.Array
@@ -88,26 +98,18 @@ class DGSState(NamedTuple):
 
 def step_directions(
     state: DGSState, num_directions: int, key_impl: Any
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(next raw key, basis (k, d), radius per direction (k,))`` of the step from ``state``:
-    the basis from this step's key with the last gradient estimate first, the main radius
-    on the first direction and the lateral one on the others."""
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(next raw key, basis (k, d), directions (k, d), radius per direction (k,))`` of the
+    step from ``state``: the orthonormal basis (in the scaled coordinates ``y = x / a``) from
+    this step's key with the last gradient estimate first; the directions ``a ⊙ ξ_i`` along
+    which f is evaluated; the radius of each direction."""
     next_key, step_key = split_state_key(state.key, key_impl)
     dim = state.direction.shape[0]
     basis = directional_basis(
         step_key, dim, num_directions, first=state.direction, dtype=state.direction.dtype
     )
-    lateral = jnp.broadcast_to(state.radii[1], (num_directions - 1,))
-    return next_key, basis, jnp.concatenate([state.radii[:1], lateral])
-
-
-def _lateral_roughness(roughness: jax.Array) -> jax.Array:
-    """Mean roughness of the directions across the main one (NaN if none is finite)."""
-    lateral = roughness[1:]
-    finite = jnp.isfinite(lateral)
-    count = jnp.sum(finite)
-    total = jnp.sum(jnp.where(finite, lateral, 0.0))
-    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+    directions = basis * state.scales[None, :]
+    return next_key, basis, directions, jnp.broadcast_to(state.radius, (num_directions,))
 
 
 def dgs(
@@ -131,7 +133,7 @@ def dgs(
     Each step draws an orthonormal basis (first direction the last gradient estimate, the
     rest random; :func:`~agsopt.smoothing.directional.directional_basis`), evaluates f at
     ``k (M − 1) + 1`` points (:func:`~agsopt.smoothing.directional.directional_value_and_grad`)
-    and adapts the radii with :func:`~agsopt.smoothing.adaptation.adapt_radius`.
+    and adapts the radius with :func:`~agsopt.smoothing.adaptation.adapt_radius`.
 
     ``step="curvature"`` (the default; use it instead of an Optax optimizer): the update is
     ``−lr·∇`` with ``lr = 1/C_1``, the Newton step of the smoothed function along the main
@@ -141,16 +143,19 @@ def dgs(
     average of the main direction's Lipschitz estimate.
     With either, when the radius falls below ``10·min_radius`` it is reset to s_0
     (``restarts`` times), then the iterate restarts from the best point seen with that
-    point's radii; when it exceeds ``max_radius / 10`` the iterate restarts from the best
+    point's radius; when it exceeds ``max_radius / 10`` the iterate restarts from the best
     point (ASGF's restarts). The update is then the jump ``best − x``.
     ``step="gradient"`` (chain it in front of ``optax.sgd``/``optax.adam``): the update is
-    the smoothed gradient; radii adapt and reset as above, the iterate is never moved.
+    the smoothed gradient; the radius adapts and resets as above, the iterate is never moved.
+    With ``anisotropic=True`` the gradient ∇ above is ``∇_y`` in the scaled coordinates, the
+    step is ``−lr·a ⊙ ∇_y`` and ``step="gradient"`` returns the smoothed gradient in x,
+    ``∇_y / a``.
 
     Every step keeps the best point seen (``state.best_params``/``best_value``, among all
     evaluated points: no extra evaluation) and sets ``state.stop`` once an update is shorter
     than ``tolerance``; after that updates are zero and the state is kept (a step still
     calls f, counted in ``num_evaluations``: stop calling ``update``). A non-finite ``f(x)``
-    or estimate skips the step (counted), halves the radii and (not with
+    or estimate skips the step (counted), halves the radius and (not with
     ``step="gradient"``) jumps back to the best point.
 
     Args:
@@ -158,8 +163,8 @@ def dgs(
         or a function of the dimension d returning it (evaluated by ``init``).
       num_directions: k ≤ d directions per step (None: all d).
       num_nodes: Gauss–Hermite nodes M per direction (odd, ≥ 3).
-      anisotropic: a wider radius across the main direction where the function is rough
-        (True), or one radius for all directions (False, ASGF; measured better).
+      anisotropic: learn the per-coordinate metric ``Σ = s² diag(a)²`` from the measured
+        curvatures (module doc; True), or smooth isotropically (False, ASGF).
       step: "curvature", "lipschitz" or "gradient" (above).
       min_radius: s_min (default ``s_0·1e-4``); max_radius: s_max (default ``s_0·1e3``).
       restarts: radius resets before the restart from the best point (ASGF: 2).
@@ -204,18 +209,20 @@ def dgs(
             s0 = radius(dim)
             validation.check_positive("radius", s0)
             _check_radius_bounds(s0, min_radius, max_radius)
-        radii = jnp.full((2,), s0, dtype)
         return DGSState(
             key=jnp.array(key_data),
             count=jnp.zeros([], jnp.int32),
             direction=jnp.zeros((dim,), dtype),
             initial_radius=jnp.asarray(s0, dtype),
-            radii=radii,
-            thresholds=adaptation.initial_thresholds((1,), dtype),
+            radius=jnp.asarray(s0, dtype),
+            thresholds=adaptation.initial_thresholds((), dtype),
             lipschitz=jnp.full([], l0, dtype),
             best_value=jnp.full([], jnp.inf, dtype),
             best_params=jax.tree.map(jnp.array, params),
-            best_radii=jnp.array(radii),
+            best_radius=jnp.asarray(s0, dtype),
+            scales=jnp.ones((dim,), dtype),
+            coordinate_curvature=jnp.zeros((dim,), dtype),
+            metric_fit=jnp.zeros([], dtype),
             restarts_left=jnp.asarray(restarts, jnp.int32),
             value=jnp.full([], jnp.nan, dtype),
             stop=jnp.zeros([], bool),
@@ -236,10 +243,11 @@ def dgs(
         s_min = s0 * 1e-4 if min_radius is None else min_radius
         s_max = s0 * 1e3 if max_radius is None else max_radius
         tol = s0 * 1e-7 if tolerance is None else tolerance
-        next_key, basis, per_direction = step_directions(state, k, key_impl)
+        next_key, basis, directions, per_direction = step_directions(state, k, key_impl)
         est = directional_value_and_grad(
-            value_fn, params, basis, per_direction, num_nodes=num_nodes, chunk_size=chunk_size
+            value_fn, params, directions, per_direction, num_nodes=num_nodes, chunk_size=chunk_size
         )
+        # The gradient in the scaled coordinates y = x / a.
         grad_flat = jnp.matmul(est.derivatives, basis, precision=jax.lax.Precision.HIGHEST)
         ok = jnp.isfinite(est.value) & jnp.all(jnp.isfinite(grad_flat))
         ok = ok & jnp.isfinite(est.lipschitz[0])
@@ -250,44 +258,47 @@ def dgs(
         best_params = jax.tree.map(
             lambda new, old: jnp.where(improved, new, old), est.best_params, state.best_params
         )
-        best_radii = jnp.where(improved, state.radii, state.best_radii)
+        best_radius = jnp.where(improved, state.radius, state.best_radius)
 
         # Learning rate and step.
         lipschitz = adaptation.average_lipschitz(state.lipschitz, est.lipschitz[0])
-        lr = adaptation.lipschitz_learning_rate(state.radii[0], lipschitz, lr_min, lr_max)
+        lr = adaptation.lipschitz_learning_rate(state.radius, lipschitz, lr_min, lr_max)
         if step == "curvature":
             lr = adaptation.curvature_learning_rate(
-                est.curvatures[0], jnp.sqrt(jnp.sum(grad_flat * grad_flat)), state.radii[0], lr
+                est.curvatures[0], jnp.sqrt(jnp.sum(grad_flat * grad_flat)), state.radius, lr
             )
-        step_flat = grad_flat if step == "gradient" else -lr * grad_flat
+        if step == "gradient":
+            step_flat = grad_flat / state.scales
+        else:
+            step_flat = -lr * state.scales * grad_flat
         step_norm = lr * jnp.sqrt(jnp.sum(grad_flat * grad_flat))
 
-        # Radii.
+        # Radius and metric.
         ratio = jnp.max(adaptation.smoothness_ratio(est.derivatives, est.lipschitz))
-        main, thresholds = adaptation.adapt_radius(state.radii[:1], ratio[None], state.thresholds)
-        main = jnp.clip(main, s_min, s_max)
-        factor = state.radii[1] / state.radii[0]
-        if anisotropic and k > 1:
-            factor = adaptation.adapt_factor(factor, _lateral_roughness(est.roughness))
-        radii = jnp.concatenate([main, main * factor])
-        collapsed = radii[0] < 10 * s_min
-        diverged = radii[0] > s_max / 10
+        radius, thresholds = adaptation.adapt_radius(state.radius, ratio, state.thresholds)
+        radius = jnp.clip(radius, s_min, s_max)
+        scales, curvature, fit = state.scales, state.coordinate_curvature, state.metric_fit
+        if anisotropic:
+            scales, curvature, fit = adaptation.adapt_metric(
+                scales, curvature, fit, basis, est.curvatures, ok
+            )
+        collapsed = radius < 10 * s_min
+        diverged = radius > s_max / 10
         reset = ok & (collapsed & (state.restarts_left >= 0) | diverged)
         to_best = ok & (collapsed & (state.restarts_left == 0) | diverged)
-        fresh = adaptation.initial_thresholds((1,), dtype)
-        reset_radii = jnp.where(to_best, best_radii, jnp.full((2,), s0, dtype))
-        radii = jnp.where(reset, reset_radii, radii)
+        fresh = adaptation.initial_thresholds((), dtype)
+        radius = jnp.where(reset, jnp.where(to_best, best_radius, s0), radius)
         thresholds = jax.tree.map(lambda a, b: jnp.where(reset, a, b), fresh, thresholds)
         lipschitz = jnp.where(reset, jnp.full_like(lipschitz, l0), lipschitz)
-        direction = jnp.where(reset, jnp.zeros_like(grad_flat), grad_flat)
+        direction = jnp.where(reset, jnp.zeros_like(grad_flat), grad_flat * scales / state.scales)
         restarts_left = jnp.where(
             ok & collapsed & (state.restarts_left >= 0),
             state.restarts_left - 1,
             state.restarts_left,
         )
 
-        # A skipped step: keep the state's adaptation, halve the radii, go back to the best.
-        radii = jnp.where(ok, radii, state.radii * 0.5)
+        # A skipped step: keep the state's adaptation, halve the radius, go back to the best.
+        radius = jnp.where(ok, radius, state.radius * 0.5)
         thresholds = jax.tree.map(lambda a, b: jnp.where(ok, a, b), thresholds, state.thresholds)
         lipschitz = jnp.where(ok, lipschitz, state.lipschitz)
         direction = jnp.where(ok, direction, state.direction)
@@ -308,12 +319,15 @@ def dgs(
             count=_saturating_add(state.count, 1),
             direction=direction,
             initial_radius=state.initial_radius,
-            radii=radii,
+            radius=radius,
             thresholds=thresholds,
             lipschitz=lipschitz,
             best_value=best_value,
             best_params=best_params,
-            best_radii=best_radii,
+            best_radius=best_radius,
+            scales=scales,
+            coordinate_curvature=curvature,
+            metric_fit=fit,
             restarts_left=restarts_left,
             value=est.value,
             stop=stop,

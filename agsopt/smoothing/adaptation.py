@@ -1,8 +1,7 @@
-"""Adaptation rules for directional smoothing: radius, learning rate, restarts.
+"""Adaptation rules for directional smoothing: radius, metric, learning rate.
 
 The pieces of ASGF's loop (Dereventsov, Webster & Daws, arXiv:2006.10887), written as pure
-elementwise functions so that :func:`agsopt.dgs` can apply them to one radius (isotropic
-smoothing) or to several (one per group of directions: anisotropic smoothing). Radii are in
+functions for :func:`agsopt.dgs`, and the anisotropic metric (ours). Radii are in
 the library's convention (perturbation ``s·u``, ``u ~ N(0, 1)``); ASGF's are √2 times ours.
 
 - :func:`smoothness_ratio`: ``r = |D| / L``, the smoothed directional derivative over the
@@ -17,6 +16,10 @@ the library's convention (perturbation ``s·u``, ``u ~ N(0, 1)``); ASGF's are �
 - :func:`lipschitz_learning_rate`: ``lr = clip(√2 s / L̄, lr_min, lr_max)`` with L̄ a
   running average of the main direction's Lipschitz estimate: a step of about the
   smoothing radius where the slope is about L̄.
+- :func:`coordinate_curvature`, :func:`diagonal_fit`, :func:`adapt_scales`,
+  :func:`adapt_metric`: the anisotropic metric ``Σ = s² diag(a)²`` — a diagonal Hessian
+  fitted to the directional curvatures, a ∝ h^{-1/2} followed as far as that fit predicts
+  fresh directions (the anisotropy of AGS, arXiv:2411.11747, learned from the function).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import jax.numpy as jnp
 
 __all__ = [
     "RadiusThresholds",
-    "adapt_factor",
+    "adapt_metric",
     "adapt_radius",
     "average_lipschitz",
+    "coordinate_curvature",
     "curvature_learning_rate",
+    "adapt_scales",
+    "diagonal_fit",
     "initial_thresholds",
     "lipschitz_learning_rate",
     "smoothness_ratio",
@@ -94,24 +100,6 @@ def adapt_radius(
     return radius, RadiusThresholds(lower, upper)
 
 
-def adapt_factor(
-    factor: jax.Array,
-    roughness: jax.Array,
-    *,
-    rough: float = 0.5,
-    smooth: float = 0.2,
-    rate: float = 0.9,
-    max_factor: float = 10.0,
-) -> jax.Array:
-    """Anisotropy factor a ≥ 1 of the directions across the main one: ``a ← a/rate`` where
-    their mean roughness exceeds ``rough`` (ripples: smooth them wider), ``a ← a·rate``
-    below ``smooth`` (smooth at this scale: no need), clipped to ``[1, max_factor]``; a
-    non-finite roughness keeps a."""
-    grown = jnp.where(roughness > rough, factor / rate, factor)
-    shrunk = jnp.where(roughness < smooth, factor * rate, grown)
-    return jnp.where(jnp.isfinite(roughness), jnp.clip(shrunk, 1.0, max_factor), factor)
-
-
 def average_lipschitz(average: jax.Array, new: jax.Array, decay: float = 0.9) -> jax.Array:
     """``decay·L̄ + (1 − decay)·L``; the first finite L itself where L̄ is NaN (no average
     yet: ASGF's L̄_0 = 1 is scale-dependent and made the first steps diverge on functions
@@ -152,3 +140,113 @@ def curvature_learning_rate(
     lr = jnp.where(positive, 1.0 / jnp.where(positive, curvature, 1.0), fallback)
     cap = math.sqrt(2.0) * REACH * radius / jnp.maximum(grad_norm, jnp.finfo(jnp.float32).tiny)
     return jnp.minimum(lr, cap)
+
+
+def coordinate_curvature(basis: jax.Array, curvatures: jax.Array, ridge: float = 1e-6) -> jax.Array:
+    """Each coordinate's curvature ``h_j`` fitted to the directional curvatures
+    ``C_i = ξ_iᵀHξ_i`` along the orthonormal rows ξ_i of ``basis`` (k × d).
+
+    The model of a diagonal H, ``C_i = Σ_j ξ_ij² h_j``, i.e. ``C = W h`` with
+    ``W_ij = ξ_ij²``, solved in ridge least squares in its dual form
+    ``h = Wᵀ (W Wᵀ + λI)⁻¹ C`` (a k × k system: memory O(k·d), as the basis;
+    ``λ = ridge·‖W‖²_F / d``). Exact for a diagonal H and a full basis, up to rounding
+    relative to the largest h_j; with k < d the minimum-norm fit. NaN where a C_i is not
+    finite."""
+    weights = basis * basis
+    dim = basis.shape[1]
+    finite = jnp.all(jnp.isfinite(curvatures))
+    c = jnp.where(jnp.isfinite(curvatures), curvatures, 0.0)
+    hp = jax.lax.Precision.HIGHEST
+    gram = jnp.matmul(weights, weights.T, precision=hp)
+    lam = ridge * jnp.trace(gram) / dim
+    dual = jnp.linalg.solve(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype), c)
+    estimate = jnp.matmul(dual, weights, precision=hp)
+    return jnp.where(finite, estimate, jnp.nan)
+
+
+def diagonal_fit(basis: jax.Array, curvatures: jax.Array, curvature: jax.Array) -> jax.Array:
+    """How well a diagonal curvature ``h`` (fitted on earlier directions) predicts the
+    directional curvatures ``C_i`` along fresh rows ξ_i of ``basis``: the coefficient of
+    determination ``R² = 1 − Σ_i (C_i − Σ_j ξ_ij² h_j)² / Σ_i (C_i − C̄)²``, clipped to
+    [0, 1]. Near 1 for a quadratic with a diagonal Hessian, near 0 where ripples or a
+    rotated Hessian make the diagonal model useless; 0 where anything is not finite."""
+    hp = jax.lax.Precision.HIGHEST
+    predicted = jnp.matmul(basis * basis, curvature, precision=hp)
+    residual = jnp.sum((curvatures - predicted) ** 2)
+    spread = jnp.sum((curvatures - jnp.mean(curvatures)) ** 2)
+    r2 = 1.0 - residual / jnp.where(spread > 0, spread, 1.0)
+    ok = jnp.isfinite(r2) & (spread > 0) & jnp.all(jnp.isfinite(predicted))
+    return jnp.where(ok, jnp.clip(r2, 0.0, 1.0), 0.0)
+
+
+def adapt_scales(
+    scales: jax.Array,
+    curvature: jax.Array,
+    rate: jax.Array | float,
+    relax: jax.Array | float = 0.0,
+    *,
+    max_ratio: float = 10.0,
+    span: float = 100.0,
+) -> jax.Array:
+    """One multiplicative step of per-coordinate scales a towards ``a_j ∝ h_j^{-1/2}``.
+
+    ``h`` is the coordinate curvature in the current scaled coordinates ``y = x / a``
+    (:func:`coordinate_curvature`); at the fixed point h is flat in y, i.e. ``Σ ∝ H⁻¹`` in
+    x, the smoothing's length along each coordinate matched to the function's (the shape
+    CMA-ES learns). With ``h⁺ = max(h, max_j h_j / span)`` (a ripple's or a concave
+    stretch's h ≤ 0 counts as the flattest allowed)
+
+        log a ← (1 − relax)·log a − (rate/2)·(log h⁺ − mean log h⁺),
+
+    then centred (geometric mean 1: the radius keeps its meaning) and clipped to
+    ``[1/max_ratio, max_ratio]``. Where every h_j ≤ 0 or one is not finite only the
+    relaxation ``a ← a^(1 − relax)`` applies.
+    """
+    top = jnp.max(curvature)
+    usable = jnp.all(jnp.isfinite(curvature)) & (top > 0)
+    h = jnp.maximum(curvature, top / span)
+    log_h = jnp.log(jnp.where(usable, h, 1.0))
+    kept = (1.0 - relax) * jnp.log(scales)
+    log_a = kept - 0.5 * jnp.where(usable, rate, 0.0) * (log_h - jnp.mean(log_h))
+    bound = math.log(max_ratio)
+    return jnp.exp(jnp.clip(log_a - jnp.mean(log_a), -bound, bound))
+
+
+METRIC_RATE = 0.5
+"""The metric's learning rate at a perfect diagonal fit (R² = 1)."""
+METRIC_FIT_DECAY = 0.8
+"""The decay of the running R² that weights the metric's steps."""
+METRIC_RELAX = 0.3
+"""How fast the metric relaxes towards isotropy where the diagonal fit is poor (R² = 0)."""
+
+
+def adapt_metric(
+    scales: jax.Array,
+    curvature: jax.Array,
+    fit: jax.Array,
+    basis: jax.Array,
+    curvatures: jax.Array,
+    ok: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step of :func:`agsopt.dgs`'s anisotropic metric: ``(scales, curvature, fit)``.
+
+    ``curvature`` is the last diagonal fit in x (zeros before the first: R² = 0), ``fit``
+    the running R² of such fits on fresh directions; ``basis`` this step's orthonormal rows
+    in y = x / a and ``curvatures`` their measured C_i. The fit R² of the last curvature on
+    this step's directions (:func:`diagonal_fit`) is averaged into ``fit`` (decay
+    :data:`METRIC_FIT_DECAY`); the scales take an :func:`adapt_scales` step at the rate
+    ``METRIC_RATE·fit``, relaxing towards 1 at ``METRIC_RELAX·(1 − fit)``: a diagonal model
+    that predicts fresh directions' curvature is followed, one that does not (ripples, a
+    rotated Hessian) is forgotten. Everything is kept where ``ok`` is false or the new fit
+    is not finite.
+    """
+    r2 = diagonal_fit(basis, curvatures, curvature * scales**2)
+    new_fit = METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
+    h_y = coordinate_curvature(basis, curvatures)
+    new_scales = adapt_scales(scales, h_y, METRIC_RATE * new_fit, METRIC_RELAX * (1.0 - new_fit))
+    good = ok & jnp.all(jnp.isfinite(h_y))
+    return (
+        jnp.where(good, new_scales, scales),
+        jnp.where(good, h_y / scales**2, curvature),
+        jnp.where(ok, new_fit, fit),
+    )

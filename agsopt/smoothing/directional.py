@@ -202,7 +202,9 @@ def directional_value_and_grad(
         autodiff), ``k (M − 1) + 1`` times.
       params: the point x, a pytree of floating arrays (d numbers in all).
       directions: ``(k, d)`` orthonormal rows ξ_i in the order of ``jax.tree.leaves(params)``
-        (:func:`directional_basis`).
+        (:func:`directional_basis`). Other rows v_i give the derivatives along them (D_i of
+        ``t ↦ f(x + t v_i)``) and ``grad = Σ_i D_i v_i``: :func:`agsopt.dgs` passes
+        ``a ⊙ ξ_i`` for its anisotropic metric.
       radii: s_i > 0, a scalar or shape ``(k,)``.
       num_nodes: M, odd, ≥ 3 (ASGF uses 5).
       chunk_size: directions evaluated at once (``vmap``-ped), the rest in sequence

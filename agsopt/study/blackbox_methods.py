@@ -377,8 +377,8 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "dgs-anisotropic",
-            "dgs with a wider radius across the main direction where the node values are "
-            "rough (anisotropic=True)",
+            "dgs with the learned per-coordinate metric Σ = s² diag(a)², a → h^(-1/2) from "
+            "the fitted diagonal curvature (anisotropic=True)",
             library=True,
             factory=dgs_preset(anisotropic=True),
         ),
