@@ -45,7 +45,7 @@ QUICK_BUDGET = 300
 STARTS = 20
 BUDGET_FACTOR = 2
 PEERS = (
-    "dgs-anisotropic",
+    "dgs-isotropic",
     "dgs-lipschitz",
     "igs-adam",
     "ags-adam",
@@ -224,7 +224,7 @@ ANISOTROPY_ROWS: tuple[tuple[str, int], ...] = tuple(
 """Issue 17's anisotropy comparison: the anisotropic and the one-radius preset on the same
 starts, rugged, rotated and ill-conditioned functions included (d = 10)."""
 ANISOTROPY_BUDGET = 300_000
-ANISOTROPY_METHODS = ("dgs", "dgs-anisotropic")
+ANISOTROPY_METHODS = ("dgs", "dgs-isotropic")
 
 
 def anisotropy_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict]]:
@@ -233,7 +233,7 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], lis
     by = {(r["function"], r["method"]): r for r in records}
     rows, ratios = [], []
     for function, _ in ANISOTROPY_ROWS:
-        iso, aniso = by.get((function, "dgs")), by.get((function, "dgs-anisotropic"))
+        iso, aniso = by.get((function, "dgs-isotropic")), by.get((function, "dgs"))
         if iso is None or aniso is None:
             continue
         ratio = None
@@ -266,7 +266,8 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], lis
         ),
     ]
     table = common.make_table(
-        f"Anisotropy: dgs-anisotropic against dgs (one radius), d = 10, budget {ANISOTROPY_BUDGET}",
+        f"Anisotropy: dgs (anisotropic) against dgs-isotropic (one radius), d = 10, "
+        f"budget {ANISOTROPY_BUDGET}",
         ["function", "one radius", "anisotropic", "ratio"],
         rows,
         notes=["success rate, mean evaluations to success; ratio = anisotropic / one radius"],

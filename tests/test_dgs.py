@@ -302,6 +302,10 @@ def test_bad_box_and_too_many_directions():
         agsopt.dgs_blackbox(np.ones(3), np.zeros(3))
     with pytest.raises(ValueError, match="num_directions"):
         agsopt.dgs(1.0, num_directions=9).init(jnp.zeros(3))
+    # The metric's k × k solve is bounded: a huge k is refused at init, naming the fix.
+    with pytest.raises(ValueError, match="num_directions ≤ 4096 or anisotropic=False"):
+        agsopt.dgs(1.0, anisotropic=True).init(jnp.zeros(5000))
+    agsopt.dgs(1.0, anisotropic=True, num_directions=8).init(jnp.zeros(5000))
     with pytest.raises(TypeError, match="value_fn"):
         agsopt.dgs(1.0).update(jnp.zeros(3), agsopt.dgs(1.0).init(jnp.zeros(3)), jnp.zeros(3))
 

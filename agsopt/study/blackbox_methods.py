@@ -195,7 +195,7 @@ def dgs_preset(**dgs_kwargs: Any) -> TransformationFactory:
             return dgs_blackbox(lower, upper, key=key)
         width = float(upper) - float(lower)
         radius = lambda d: width * math.sqrt(d) / (10 * math.sqrt(2.0))  # noqa: E731
-        return dgs(radius, key=key, **dgs_kwargs)
+        return dgs(radius, key=key, **{"anisotropic": True, **dgs_kwargs})
 
     return factory
 
@@ -371,16 +371,16 @@ METHODS: dict[str, Method] = {
             "dgs",
             "agsopt.dgs_blackbox: directional Gauss–Hermite smoothing (M = 5, all d "
             "directions, the last gradient first), curvature step, ASGF radius rule and "
-            "restarts, s0 = box diagonal/(10√2), one radius",
+            "restarts, s0 = box diagonal/(10√2), the learned per-coordinate metric "
+            "Σ = s² diag(a)², a → h^(-1/2) (anisotropic=True)",
             library=True,
             factory=dgs_preset(),
         ),
         Method(
-            "dgs-anisotropic",
-            "dgs with the learned per-coordinate metric Σ = s² diag(a)², a → h^(-1/2) from "
-            "the fitted diagonal curvature (anisotropic=True)",
+            "dgs-isotropic",
+            "dgs with one radius for every direction (anisotropic=False, ASGF's smoothing)",
             library=True,
-            factory=dgs_preset(anisotropic=True),
+            factory=dgs_preset(anisotropic=False),
         ),
         Method(
             "dgs-lipschitz",
