@@ -310,17 +310,20 @@ def test_bad_box_and_too_many_directions():
         agsopt.dgs(1.0).update(jnp.zeros(3), agsopt.dgs(1.0).init(jnp.zeros(3)), jnp.zeros(3))
 
 
-def test_ask_tell_gives_the_jitted_steps():
+@pytest.mark.parametrize("anisotropic", [False, True])
+def test_ask_tell_gives_the_jitted_steps(anisotropic):
     """dgs_ask_tell: the points of each step, evaluated outside JAX (NumPy), give the same
-    updates and state as the jitted value_fn path, over steps with a restart-prone radius."""
+    updates and state as the jitted value_fn path, over steps with a restart-prone radius
+    (isotropic) or a metric being learned (anisotropic, on an ill-conditioned function)."""
+    weights = np.asarray([1.0, 10.0, 100.0, 3.0]) if anisotropic else np.ones(4)
 
     def rugged_np(points):
-        return np.sum(points**2 - 3 * np.cos(4 * points), axis=1)
+        return np.sum(weights * points**2 - 3 * np.cos(4 * points), axis=1)
 
     def rugged(x):
-        return jnp.sum(x**2 - 3 * jnp.cos(4 * x))
+        return jnp.sum(jnp.asarray(weights, x.dtype) * x**2 - 3 * jnp.cos(4 * x))
 
-    kwargs = {"num_directions": 3, "key": 9}
+    kwargs = {"num_directions": 3, "key": 9, "anisotropic": anisotropic}
     asked = agsopt.dgs_ask_tell(0.8, **kwargs)
     direct = agsopt.dgs(0.8, **kwargs)
     x = y = jnp.asarray([2.0, -1.5, 0.3, 1.1])
@@ -337,5 +340,7 @@ def test_ask_tell_gives_the_jitted_steps():
         y = x  # continue both from the same point (the paths agree to rounding)
     assert int(state_a.num_evaluations) == int(state_d.num_evaluations) == 6 * 13
     np.testing.assert_allclose(state_a.best_value, state_d.best_value, rtol=1e-5)
+    np.testing.assert_allclose(state_a.scales, state_d.scales, rtol=1e-4)
+    assert anisotropic == bool(np.any(np.abs(np.asarray(state_a.scales) - 1) > 1e-3))
     with pytest.raises(ValueError, match=r"shape \(13,\)"):
         asked.tell(asked.ask(state_a, x)[1], np.zeros(12))
