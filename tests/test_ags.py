@@ -8,6 +8,7 @@ fixed, so every run is the same.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -438,6 +439,25 @@ def test_inject_hyperparams_sigma_changed_mid_run():
     assert_value_reveals(state.inner_state.value, np.full(DIM, 1.0), NUM_SAMPLES, "σ = 1")
     assert not np.array_equal(flat(state.inner_state.key), key_before)
     assert int(state.inner_state.count) == 2
+
+
+@pytest.mark.parametrize("alias", ["ags_gd", "ags_sgd", "ags_adam", "igs_gd", "igs_adam"])
+def test_inject_hyperparams_on_the_aliases(alias):
+    """``optax.inject_hyperparams(agsopt.ags_adam)`` binds the learning rate and ags's
+    keywords by name (the aliases' ``**ags_kwargs`` once reached ags as ``ags_kwargs``): the
+    injected optimizer's steps equal the plain one's, and σ is a hyperparameter."""
+    factory = getattr(agsopt, alias)
+    kwargs = {"learning_rate": 0.1, "sigma": 0.3, "num_samples": 4, "key": 3}
+    injected = optax.inject_hyperparams(factory, static_args=("num_samples", "key"))(**kwargs)
+    plain = factory(**kwargs)
+    state_i, state_p = injected.init(PARAMS), plain.init(PARAMS)
+    for _ in range(2):
+        u_i, state_i = injected.update(ZEROS, state_i, PARAMS, value_fn=half_square)
+        u_p, state_p = plain.update(ZEROS, state_p, PARAMS, value_fn=half_square)
+        # (Adam's b1, b2, eps become float32 arrays when injected: rounding only)
+        np.testing.assert_allclose(flat(u_i), flat(u_p), rtol=2e-5, atol=1e-7)
+    assert float(state_i.hyperparams["sigma"]) == pytest.approx(0.3)
+    assert "covariance" not in inspect.signature(agsopt.igs_adam).parameters
 
 
 def test_flax_nnx_optimizer_passes_value_fn():

@@ -12,6 +12,7 @@ Scale convention: ours is ``x + Σu`` with ``u ~ N(0, I)``; the paper's Σ is �
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -356,3 +357,28 @@ def igs_sgd(learning_rate, momentum: float | None = 0.9, nesterov: bool = False,
 def igs_adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, **ags_kwargs):
     """IGS-Adam: AGS-Adam with the isotropic Σ = σI."""
     return ags_adam(learning_rate, b1, b2, eps, covariance="isotropic", **ags_kwargs)
+
+
+def _spell_out_ags_keywords(alias: Callable[..., Any], fixed: tuple[str, ...] = ()) -> None:
+    """Give ``alias(..., **ags_kwargs)`` the signature with :func:`ags`'s keywords spelled
+    out (keyword-only, less ``fixed``), so that ``optax.inject_hyperparams(alias)`` binds
+    ``sigma``, ``num_samples``, ``key``… by name (with ``**ags_kwargs`` it passed a keyword
+    ``ags_kwargs`` that :func:`ags` refused)."""
+    own = [
+        p
+        for p in inspect.signature(alias).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    keywords = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, p in inspect.signature(ags).parameters.items()
+        if name not in fixed
+    ]
+    alias.__signature__ = inspect.signature(alias).replace(parameters=own + keywords)
+
+
+for _alias in (ags_gd, ags_sgd, ags_adam):
+    _spell_out_ags_keywords(_alias)
+for _alias in (igs_gd, igs_sgd, igs_adam):
+    _spell_out_ags_keywords(_alias, fixed=("covariance",))
+del _alias
