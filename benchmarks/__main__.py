@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick|--full] [--out DIR | --commit-results] [--only NAME ...]``.
 
 Runs the registered benchmarks and writes ``<name>.json`` and ``<name>.md`` for each, plus
-``summary.json``/``summary.md`` (the targets and run times of this invocation), under
+``summary.json``/``summary.md`` (the targets of every report in that folder, each with its
+own date: rebuilt after each run, also by ``--summarize``), under
 ``--out``: by default ``results/benchmarks/`` at the repository root, which git ignores.
 The committed reports the README links (``benchmarks/results/``) are written only with
 ``--commit-results`` (full mode only: quick numbers never overwrite them).
@@ -69,6 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="estimators and sam_steps on a GPU/TPU, into benchmarks/results/device/<device>/",
     )
     parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only rebuild summary.json/summary.md from the reports in the folder",
+    )
+    parser.add_argument(
         "--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME", help="benchmarks to run"
     )
     return parser.parse_args(argv)
@@ -113,9 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"python -m benchmarks: {error}", file=sys.stderr)
         return 2
+    if args.summarize:
+        write_summary(out)
+        print(f"python -m benchmarks: rebuilt {out / 'summary.md'}")
+        return 0
     names = args.only or list(DEVICE_SUITE if args.device_suite else BENCHMARKS)
     print(f"agsopt benchmarks ({mode}) on {common.environment_line(env)}", flush=True)
-    summary: list[dict[str, Any]] = []
     for name in names:
         start = time.perf_counter()
         report = resolve(name)(quick)
@@ -124,31 +133,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {name}: {seconds:.1f} s -> {json_path}, {md_path}", flush=True)
         for t in report["targets"]:
             print(f"    [{common.target_mark(t['met'])}] {t['target']}: {t['detail']}", flush=True)
-        summary.append(
-            {"benchmark": name, "seconds": round(seconds, 1), "targets": report["targets"]}
-        )
-    write_summary(summary, out, env, mode)
+    write_summary(out)
     return 0
 
 
-def write_summary(summary: list[dict[str, Any]], out: Path, env: dict[str, Any], mode: str):
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"mode": mode, "environment": env, "benchmarks": summary}
+def summary_from_reports(out: Path) -> list[dict[str, Any]]:
+    """One entry per ``<name>.json`` report in ``out`` (in :data:`BENCHMARKS` order): its
+    targets, mode, date and run time, as the report recorded them."""
+    entries = []
+    for name in BENCHMARKS:
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text(encoding="utf-8"))
+        env = report.get("environment", {})
+        entries.append(
+            {
+                "benchmark": name,
+                "mode": report.get("mode"),
+                "measured": env.get("date"),
+                "seconds": env.get("benchmark_seconds"),
+                "targets": report.get("targets", []),
+            }
+        )
+    return entries
+
+
+def write_summary(out: Path) -> None:
+    """``summary.json``/``summary.md`` of *every* report in ``out``, rebuilt after each run,
+    so a folder written by several runs (``--only``) never keeps a stale row: each row
+    carries its own report's date and mode."""
+    summary = summary_from_reports(out)
+    payload = {"benchmarks": summary}
     (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     lines = [
         "# agsopt benchmark summary",
         "",
-        f"Mode: `{mode}`. Environment: {common.environment_line(env)}.",
+        "Every report in this folder, rebuilt after each run; each row's date, mode and run "
+        "time are its own report's (the environment is in the report).",
         "",
-        "| benchmark | seconds | target | status | detail |",
-        "|---|---|---|---|---|",
+        "| benchmark | measured | mode | seconds | target | status | detail |",
+        "|---|---|---|---|---|---|---|",
     ]
     for entry in summary:
         targets = entry["targets"] or [{"target": "—", "met": None, "detail": ""}]
+        seconds = "—" if entry["seconds"] is None else f"{entry['seconds']:.1f}"
         for t in targets:
             cells = [
                 entry["benchmark"],
-                f"{entry['seconds']:.1f}",
+                str(entry["measured"] or "—")[:10],
+                str(entry["mode"] or "—"),
+                seconds,
                 t["target"],
                 common.target_mark(t["met"]),
                 t["detail"],

@@ -76,6 +76,34 @@ def test_every_report_is_written(quick_results: Path, name: str):
         assert "| " + " | ".join(table["columns"]) + " |" in markdown
 
 
+def test_summary_is_rebuilt_from_every_report_in_the_folder(tmp_path: Path, monkeypatch):
+    """A folder written by two runs (the second with --only) summarizes both reports, each
+    row with its own report's date and mode, never the stale rows of an earlier summary."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    main = importlib.import_module("benchmarks.__main__")
+    for name, date, met in (
+        ("memory", "2026-12-01T00:00:00", True),
+        ("blackbox", "2026-12-05T09:00:00", False),
+    ):
+        report = {
+            "mode": "full",
+            "environment": {"date": date, "benchmark_seconds": 12.5},
+            "name": name,
+            "targets": [{"target": f"{name} target", "met": met, "detail": "x"}],
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(report), encoding="utf-8")
+    (tmp_path / "summary.md").write_text("stale", encoding="utf-8")
+    main.write_summary(tmp_path)
+    rows = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["benchmarks"]
+    assert [(r["benchmark"], r["measured"][:10]) for r in rows] == [
+        ("blackbox", "2026-12-05"),
+        ("memory", "2026-12-01"),
+    ]
+    table = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "| blackbox | 2026-12-05 | full | 12.5 | blackbox target | NOT met | x |" in table
+    assert "| memory | 2026-12-01 | full | 12.5 | memory target | met | x |" in table
+
+
 def test_summary(quick_results: Path):
     summary = json.loads((quick_results / "summary.json").read_text(encoding="utf-8"))
     assert set(BENCHMARKS) <= {entry["benchmark"] for entry in summary["benchmarks"]}
