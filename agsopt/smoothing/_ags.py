@@ -176,6 +176,8 @@ def ags(
       covariance: ``"adaptive_gradient_aligned"`` (default), ``"gradient_aligned"``,
         ``"adaptive_diagonal"``, ``"curvature_diagonal"`` (radii from the measured curvature
         of f_Σ per coordinate; needs a zero-order ``method`` and ``num_samples ≥ 2``),
+        ``"curvature_metric"`` (:func:`agsopt.dgs`'s learned metric ``Σ ∝ H⁻¹`` on that
+        statistic; the same needs),
         ``"isotropic"`` (IGS), the ``"scaled_*"`` rules, or a
         :class:`~agsopt.covariance_rules.CovarianceRule`. A rule with ``needs_curvature``
         gets the estimator's curvature statistic (same evaluations) in its ``update``.

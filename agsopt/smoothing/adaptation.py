@@ -34,13 +34,15 @@ __all__ = [
     "RadiusThresholds",
     "adapt_metric",
     "adapt_radius",
+    "adapt_scales",
     "average_lipschitz",
     "coordinate_curvature",
     "curvature_learning_rate",
-    "adapt_scales",
     "diagonal_fit",
     "initial_thresholds",
     "lipschitz_learning_rate",
+    "metric_step",
+    "r_squared",
     "smoothness_ratio",
 ]
 
@@ -170,10 +172,15 @@ def diagonal_fit(basis: jax.Array, curvatures: jax.Array, curvature: jax.Array) 
     determination ``R² = 1 − Σ_i (C_i − Σ_j ξ_ij² h_j)² / Σ_i (C_i − C̄)²``, clipped to
     [0, 1]. Near 1 for a quadratic with a diagonal Hessian, near 0 where ripples or a
     rotated Hessian make the diagonal model useless; 0 where anything is not finite."""
-    hp = jax.lax.Precision.HIGHEST
-    predicted = jnp.matmul(basis * basis, curvature, precision=hp)
-    residual = jnp.sum((curvatures - predicted) ** 2)
-    spread = jnp.sum((curvatures - jnp.mean(curvatures)) ** 2)
+    predicted = jnp.matmul(basis * basis, curvature, precision=jax.lax.Precision.HIGHEST)
+    return r_squared(curvatures, predicted)
+
+
+def r_squared(observed: jax.Array, predicted: jax.Array) -> jax.Array:
+    """``1 − Σ(o − p)² / Σ(o − ō)²`` clipped to [0, 1]; 0 where anything is not finite or
+    the observations do not vary."""
+    residual = jnp.sum((observed - predicted) ** 2)
+    spread = jnp.sum((observed - jnp.mean(observed)) ** 2)
     r2 = 1.0 - residual / jnp.where(spread > 0, spread, 1.0)
     ok = jnp.isfinite(r2) & (spread > 0) & jnp.all(jnp.isfinite(predicted))
     return jnp.where(ok, jnp.clip(r2, 0.0, 1.0), 0.0)
@@ -220,6 +227,32 @@ METRIC_RELAX = 0.3
 """How fast the metric relaxes towards isotropy where the diagonal fit is poor (R² = 0)."""
 
 
+def metric_step(
+    scales: jax.Array,
+    curvature: jax.Array,
+    fit: jax.Array,
+    h_y: jax.Array,
+    r2: jax.Array,
+    ok: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The metric's step given this step's coordinate curvature ``h_y`` (in the scaled
+    coordinates y = x / a) and the R² with which the last one predicted this step's
+    measurements: ``(scales, curvature in x, fit)``. ``fit`` averages R² (decay
+    :data:`METRIC_FIT_DECAY`); the scales take an :func:`adapt_scales` step at the rate
+    ``METRIC_RATE·fit``, relaxing towards 1 at ``METRIC_RELAX·(1 − fit)``: a diagonal model
+    that predicts fresh measurements is followed, one that does not (ripples, a rotated
+    Hessian, sampling noise) is forgotten. Everything is kept where ``ok`` is false or h_y is
+    not finite."""
+    new_fit = METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
+    new_scales = adapt_scales(scales, h_y, METRIC_RATE * new_fit, METRIC_RELAX * (1.0 - new_fit))
+    good = ok & jnp.all(jnp.isfinite(h_y))
+    return (
+        jnp.where(good, new_scales, scales),
+        jnp.where(good, h_y / scales**2, curvature),
+        jnp.where(ok, new_fit, fit),
+    )
+
+
 def adapt_metric(
     scales: jax.Array,
     curvature: jax.Array,
@@ -232,21 +265,10 @@ def adapt_metric(
 
     ``curvature`` is the last diagonal fit in x (zeros before the first: R² = 0), ``fit``
     the running R² of such fits on fresh directions; ``basis`` this step's orthonormal rows
-    in y = x / a and ``curvatures`` their measured C_i. The fit R² of the last curvature on
-    this step's directions (:func:`diagonal_fit`) is averaged into ``fit`` (decay
-    :data:`METRIC_FIT_DECAY`); the scales take an :func:`adapt_scales` step at the rate
-    ``METRIC_RATE·fit``, relaxing towards 1 at ``METRIC_RELAX·(1 − fit)``: a diagonal model
-    that predicts fresh directions' curvature is followed, one that does not (ripples, a
-    rotated Hessian) is forgotten. Everything is kept where ``ok`` is false or the new fit
-    is not finite.
+    in y = x / a and ``curvatures`` their measured C_i. The R² of the last curvature on
+    this step's directions (:func:`diagonal_fit`) and this step's fit
+    (:func:`coordinate_curvature`) go to :func:`metric_step`.
     """
     r2 = diagonal_fit(basis, curvatures, curvature * scales**2)
-    new_fit = METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
     h_y = coordinate_curvature(basis, curvatures)
-    new_scales = adapt_scales(scales, h_y, METRIC_RATE * new_fit, METRIC_RELAX * (1.0 - new_fit))
-    good = ok & jnp.all(jnp.isfinite(h_y))
-    return (
-        jnp.where(good, new_scales, scales),
-        jnp.where(good, h_y / scales**2, curvature),
-        jnp.where(ok, new_fit, fit),
-    )
+    return metric_step(scales, curvature, fit, h_y, r2, ok)

@@ -49,8 +49,15 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
-from agsopt.smoothing import covariance
-from agsopt.tree_utils import accumulation_dtype, tree_norm, tree_scale, tree_size, tree_vdot
+from agsopt.smoothing import adaptation, covariance
+from agsopt.tree_utils import (
+    accumulation_dtype,
+    tree_norm,
+    tree_scale,
+    tree_size,
+    tree_unflatten_vector,
+    tree_vdot,
+)
 
 PyTree = Any
 
@@ -59,12 +66,14 @@ __all__ = [
     "AdaptiveGradientAlignedState",
     "CovarianceRule",
     "CurvatureDiagonalState",
+    "CurvatureMetricState",
     "EmptyRuleState",
     "GradientAlignedState",
     "ScaledState",
     "adaptive_diagonal",
     "adaptive_gradient_aligned",
     "curvature_diagonal",
+    "curvature_metric",
     "fixed_diagonal",
     "get_rule",
     "gradient_aligned",
@@ -368,6 +377,75 @@ def curvature_diagonal(
     return CovarianceRule(init, matrix, update, needs_curvature=True)
 
 
+class CurvatureMetricState(NamedTuple):
+    """State of :func:`curvature_metric`.
+
+    Attributes:
+      scales: a, like the parameters (ones at first).
+      curvature: the last measured curvature in parameter coordinates (σ² units; zeros
+        before the first).
+      fit: running R² with which the last curvature predicted the next (0–1).
+    """
+
+    scales: PyTree
+    curvature: PyTree
+    fit: jax.Array
+
+
+def _flat32(tree: PyTree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)])
+
+
+def curvature_metric() -> CovarianceRule:
+    """``Σ = σ diag(a)``: :func:`agsopt.dgs`'s learned metric for the Monte Carlo estimator.
+
+    The estimator's curvature ``c = diag(Σᵀ∇²f_Σ Σ)`` (the second-order Stein identity, from
+    the same evaluations) is the coordinate curvature in the scaled coordinates y = x / a
+    (times σ²); :func:`~agsopt.smoothing.adaptation.metric_step` moves a towards
+    ``h^{-1/2}`` (``Σ ∝ H⁻¹``; geometric mean 1, within [1/10, 10]) at a rate set by the
+    running R² with which the last measured curvature, ``h_x·a²``, predicts this one
+    (:func:`~agsopt.smoothing.adaptation.r_squared`), and relaxes a towards 1 where it does
+    not. The same pieces as ``dgs(anisotropic=True)``, whose directional quadrature measures
+    each direction's curvature exactly; the Monte Carlo statistic carries the sampling
+    noise of every coordinate (``≈ sqrt(Σ_j c_j² / N)`` per coordinate, see
+    :func:`curvature_diagonal`), so here the gate stays low, and a near 1, unless N is large
+    against d. Not a default.
+    """
+
+    def init(params):  # every field its own buffer (a donated state must not alias itself)
+        return CurvatureMetricState(
+            jax.tree.map(lambda x: jnp.ones(x.shape, accumulation_dtype(x.dtype)), params),
+            _f32_zeros_like(params),
+            jnp.zeros((), jnp.float32),
+        )
+
+    def matrix(state, sigma):
+        return covariance.Product(covariance.Diagonal(sigma), covariance.Diagonal(state.scales))
+
+    def update(state, grad, curvature):
+        del grad
+        scales, last, c = _flat32(state.scales), _flat32(state.curvature), _flat32(curvature)
+        r2 = adaptation.r_squared(c, last * scales**2)
+        scales, last, fit = adaptation.metric_step(
+            scales, last, state.fit, c, r2, jnp.all(jnp.isfinite(c))
+        )
+        return CurvatureMetricState(
+            jax.tree.map(
+                lambda v, x: v.astype(x.dtype),
+                tree_unflatten_vector(scales, state.scales),
+                state.scales,
+            ),
+            jax.tree.map(
+                lambda v, x: v.astype(x.dtype),
+                tree_unflatten_vector(last, state.curvature),
+                state.curvature,
+            ),
+            fit.astype(state.fit.dtype),
+        )
+
+    return CovarianceRule(init, matrix, update, needs_curvature=True)
+
+
 class AdaptiveGradientAlignedState(NamedTuple):
     """Moving averages: gradient estimates ``m``, their projection on ``v = m/‖m‖``, ``‖ĝ‖²``."""
 
@@ -636,6 +714,7 @@ RULES: dict[str, Callable[[], CovarianceRule]] = {
     "scaled_isotropic": lambda: scaled("isotropic"),
     "scaled_adaptive_gradient_aligned": lambda: scaled("adaptive_gradient_aligned"),
     "curvature_diagonal": curvature_diagonal,
+    "curvature_metric": curvature_metric,
 }
 
 
