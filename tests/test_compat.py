@@ -204,13 +204,16 @@ def test_inject_hyperparams_learning_rate_in_chain():
     assert_trees_close(updates, jax.tree.map(lambda g: -0.1 * g, estimate))
 
 
-def test_alias_factories_do_not_take_static_args():
-    # ags_gd & co. forward **ags_kwargs, so inject_hyperparams cannot name num_samples:
-    # inject the pieces instead (previous test).
-    with pytest.raises(ValueError, match="static_args"):
-        optax.inject_hyperparams(agsopt.ags_gd, static_args=("num_samples",))(
-            learning_rate=0.1, sigma=SIGMA, num_samples=N
-        )
+def test_alias_factories_take_static_args():
+    # ags_gd & co. spell out ags's keywords in their signatures, so inject_hyperparams can
+    # name num_samples (static) and inject σ and the learning rate (they once could not:
+    # ``**ags_kwargs`` reached ags as a keyword ``ags_kwargs``).
+    opt = optax.inject_hyperparams(agsopt.ags_gd, static_args=("num_samples", "key"))(
+        learning_rate=0.1, sigma=SIGMA, num_samples=N
+    )
+    state = opt.init(PARAMS)
+    assert set(state.hyperparams) == {"learning_rate", "sigma"}
+    assert float(state.hyperparams["sigma"]) == pytest.approx(SIGMA)
 
 
 # --------------------------------------------------------------------------- MultiSteps

@@ -185,6 +185,7 @@ _ENTRIES = (
     ),
     _ags("ags scaled_isotropic", covariance="scaled_isotropic", key=5),
     _ags("ags curvature_diagonal", covariance="curvature_diagonal", key=13),
+    _ags("ags curvature_metric", covariance="curvature_metric", key=14),
     _ags(
         "ags scaled_adaptive_gradient_aligned",
         covariance="scaled_adaptive_gradient_aligned",
