@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from agsopt import functions as fns
-from agsopt.smoothing import ags_adam, dgs, dgs_blackbox, igs_adam, igs_gd
+from agsopt.smoothing import ags_adam, dgs_blackbox, igs_adam, igs_gd
 
 __all__ = [
     "ASGF_CMA_SIGMA0",
@@ -183,19 +183,15 @@ def smoothing_preset(kind: str) -> TransformationFactory:
     return factory
 
 
-def dgs_preset(**dgs_kwargs: Any) -> TransformationFactory:
+def dgs_preset(**recipe_kwargs: Any) -> TransformationFactory:
     """:func:`agsopt.dgs_blackbox` from the box (scalars: the same interval in every
-    coordinate), with ``dgs_kwargs`` for :func:`agsopt.dgs` on top. One setting for every
-    function and dimension."""
+    coordinate), with ``recipe_kwargs`` (its keywords: ``anisotropic``, ``step``, …). One
+    setting for every function and dimension."""
 
     def factory(lower: float, upper: float, dim: int, key: jax.Array):
         del dim  # the box recipe reads d at init
         _width(lower, upper)
-        if not dgs_kwargs:
-            return dgs_blackbox(lower, upper, key=key)
-        width = float(upper) - float(lower)
-        radius = lambda d: width * math.sqrt(d) / (10 * math.sqrt(2.0))  # noqa: E731
-        return dgs(radius, key=key, **{"anisotropic": True, **dgs_kwargs})
+        return dgs_blackbox(lower, upper, key=key, **recipe_kwargs)
 
     return factory
 
