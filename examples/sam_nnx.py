@@ -6,7 +6,9 @@ on the same batch as the keyword ``value_fn``; with ``nnx.Optimizer`` the call i
 parameters' ``nnx.State``: ``agsopt.nnx.state_loss(loss_of_model, model)`` turns the loss of
 the model into that loss of the state (one line). AUSAM computes its own
 gradient on a sampled subset of the batch, so it takes a per-example loss and the batch's
-dataset ids instead (see ``train_ausam``).
+dataset ids instead (see ``train_ausam``). Both vSAM and AUSAM take a static phase hint
+(``sam_step``, ``full_batch``) that compiles one program per phase; on an MLP it changes
+little, on a conv net under XLA:CPU it is what saves compute (docs/training-loops.md).
 
 The data: a 10-class problem labelled by a random teacher network, with 20 % of the training
 labels replaced by random ones (the setting where SAM's flatter minima help).
@@ -21,6 +23,7 @@ Requires ``pip install -e ".[nnx]"``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import jax
@@ -88,12 +91,13 @@ def train(method: str, data, epochs: int, batch: int, seed: int = 0) -> tuple[fl
     model = MLP(x_train.shape[1], 128, 10, nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    @nnx.jit
-    def train_step(model, optimizer, x, y):
+    @nnx.jit(static_argnames="phase")
+    def train_step(model, optimizer, x, y, phase):
         loss_of = lambda m: cross_entropy(m, x, y)  # the loss of the model, same batch
         value_fn = agsopt.nnx.state_loss(loss_of, model)  # ... as a loss of its nnx.State
         loss, grads = nnx.value_and_grad(loss_of)(model)
-        optimizer.update(model, grads, value_fn=value_fn)
+        hint = {} if phase is None else {"sam_step": phase}  # vSAM's phase hint
+        optimizer.update(model, grads, value_fn=value_fn, **hint)
         return loss
 
     rng = np.random.default_rng(seed)
@@ -101,7 +105,13 @@ def train(method: str, data, epochs: int, batch: int, seed: int = 0) -> tuple[fl
         order = rng.permutation(len(x_train))
         for s in range(steps_per_epoch):
             idx = order[s * batch : (s + 1) * batch]
-            train_step(model, optimizer, x_train[idx], y_train[idx])
+            phase = None
+            if method == "vsam":  # which program the next step needs (reads the state);
+                # on CPU a conv net saves compute only with it (docs/training-loops.md)
+                phase = agsopt.sharpness.vsam_sam_step_hint(
+                    optimizer.opt_state[0], warmup_steps=total_steps // 4
+                )
+            train_step(model, optimizer, x_train[idx], y_train[idx], phase)
     accuracy = float(jnp.mean(jnp.argmax(model(x_test), axis=1) == y_test))
     sam_steps = total_steps
     if method == "vsam":  # the vSAM state is the first element of the chain's state
@@ -123,24 +133,31 @@ def train_ausam(data, epochs: int, batch: int, seed: int = 0) -> tuple[float, in
     graphdef, params = nnx.split(MLP(x_train.shape[1], 128, 10, nnx.Rngs(seed)), nnx.Param)
     opt_state = tx.init(params)
 
-    @jax.jit
-    def train_step(params, opt_state, x, y, ids):
+    @functools.partial(jax.jit, static_argnames="full_batch")
+    def train_step(params, opt_state, x, y, ids, full_batch):
         def per_example_loss_fn(p, positions):
             logits = nnx.merge(graphdef, p)(x[positions])  # only the chosen examples run
             return optax.softmax_cross_entropy_with_integer_labels(logits, y[positions])
 
         # AUSAM ignores the incoming updates: no full-batch gradient is computed
         updates, opt_state = tx.update(
-            None, opt_state, params, per_example_loss_fn=per_example_loss_fn, ids=ids
+            None,
+            opt_state,
+            params,
+            per_example_loss_fn=per_example_loss_fn,
+            ids=ids,
+            full_batch=full_batch,  # the phase hint: one compiled program per phase
         )
         return optax.apply_updates(params, updates), opt_state
 
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(n)  # the loader hands out the dataset ids with the batch
         for s in range(steps_per_epoch):
             ids = order[s * batch : (s + 1) * batch]
-            params, opt_state = train_step(params, opt_state, x_train[ids], y_train[ids], ids)
+            params, opt_state = train_step(
+                params, opt_state, x_train[ids], y_train[ids], ids, full_batch=epoch < 1
+            )
     model = nnx.merge(graphdef, params)
     accuracy = float(jnp.mean(jnp.argmax(model(x_test), axis=1) == y_test))
     return accuracy, epochs * steps_per_epoch
