@@ -251,6 +251,54 @@ def test_vsam_sam_step_hint_names_the_known_sam_steps():
         assert hint == (flag and not window_start), i
 
 
+def assert_close_run(a, b):
+    """Eager and jitted runs: the same steps, rounded apart (XLA fuses differently)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert jnp.result_type(x) == jnp.result_type(y)  # no dtype drift in the eager state
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def _eager_run(update, opt, steps, seed, **hint):
+    """The run of ``_ausam_run``/``_vsam_run`` with ``update`` called outside ``jit``."""
+    params, state = PARAMS, opt.init(PARAMS)
+    order = np.random.default_rng(seed)
+    for _ in range(steps):
+        ids = jnp.asarray(order.permutation(N_EXAMPLES)[:BATCH], jnp.int32)
+        params, state = update(opt, params, state, ids, **hint)
+    return params, state
+
+
+def _no_cond(monkeypatch):
+    """Make ``lax.cond`` fail: an eager step must pick its branch in Python."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lax.cond called eagerly (it recompiles both branches each call)")
+
+    monkeypatch.setattr(jax.lax, "cond", refuse)
+
+
+@pytest.mark.parametrize("hint", [None, True])
+def test_ausam_eager_update_is_the_jitted_trajectory_without_cond(monkeypatch, hint):
+    steps = 3 * STEPS_PER_EPOCH
+    default = _ausam_default(steps)
+    _no_cond(monkeypatch)
+    kwargs = {} if hint is None else {"full_batch": hint}
+    assert_close_run(_eager_run(ausam_update, ausam_opt(), steps, 1, **kwargs), default)
+
+
+@pytest.mark.parametrize("hint", [None, False])
+def test_vsam_eager_update_is_the_jitted_trajectory_without_cond(monkeypatch, hint):
+    steps = WARMUP + 4 * WINDOW
+    (default, _, _) = _vsam_default(steps)
+    _no_cond(monkeypatch)
+    kwargs = {} if hint is None else {"sam_step": hint}
+    assert_close_run(_eager_run(vsam_update, vsam_opt(), steps, 2, **kwargs), default)
+
+
 def test_hints_must_be_static_bools():
     opt, vopt = ausam_opt(), vsam_opt()
     ids = jnp.arange(BATCH)

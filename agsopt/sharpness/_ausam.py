@@ -200,7 +200,7 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._hinted import check_phase_hint, run_hinted_branch
+from agsopt.sharpness._hinted import check_phase_hint, choose_branch, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_radius,
@@ -618,7 +618,7 @@ def ausam(
         elif full_batch_epochs == 0:
             positions, sharp, dlp, loss = sampled_branch(None)
         elif full_batch is None:
-            positions, sharp, dlp, loss = jax.lax.cond(
+            positions, sharp, dlp, loss = choose_branch(
                 epoch < full_batch_epochs, full_branch, sampled_branch, None
             )
         else:  # the caller's phase hint: that branch runs outside any lax.cond

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
+from agsopt.sharpness._hinted import choose_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_radius,
@@ -311,7 +312,7 @@ def bsam(
                 kept = jax.tree.map(lambda x, s: x.astype(s.dtype), state.base_state, state_shape)
                 return zeros, kept
 
-            return jax.lax.cond(ok, step, skipped)
+            return choose_branch(ok, step, skipped)
 
         if inner is None:
             return direction, BSAMState(count, count_skip(state.num_skipped, ok), ())

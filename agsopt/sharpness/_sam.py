@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
+from agsopt.sharpness._hinted import choose_branch
 from agsopt.sharpness._perturbation import (
     Mask,
     Radius,
@@ -127,7 +128,7 @@ def skip_unless(
     if static:
         return compute(), jnp.asarray(True)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
-    return jax.lax.cond(ok, compute, lambda: zeros), ok
+    return choose_branch(ok, compute, lambda: zeros), ok
 
 
 def sam(

@@ -184,7 +184,7 @@ import optax
 
 from agsopt import _validation as validation
 from agsopt.sharpness._ausam import _saturating_add, _statistics_dtype
-from agsopt.sharpness._hinted import check_phase_hint, run_hinted_branch
+from agsopt.sharpness._hinted import check_phase_hint, choose_branch, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_radius,
@@ -693,7 +693,7 @@ def vsam(
         next_key, schedule_key = split_state_key(state.key, key_impl)
         in_warmup, pos, window_start = vsam_step_position(state.count, warmup, window)
         max_sr = _max_sr(window, max_p, state.base_sr.dtype)
-        base_sr, schedule = jax.lax.cond(
+        base_sr, schedule = choose_branch(
             window_start,
             lambda: vsam_window_control(
                 schedule_key,
@@ -738,7 +738,7 @@ def vsam(
         if sam_step:  # the caller's hint: the SAM step runs outside any lax.cond
             branches = run_hinted_branch(is_sam, sam_branch, reuse_branch)
         else:
-            branches = jax.lax.cond(is_sam, sam_branch, reuse_branch)
+            branches = choose_branch(is_sam, sam_branch, reuse_branch)
         out, psf, records, psf_weight, reuse_count = branches
         new_state = VSAMState(
             count=optax.safe_increment(state.count),
