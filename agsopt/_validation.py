@@ -74,6 +74,13 @@ def check_fraction(name: str, value: Any) -> None:
             raise ValueError(f"{name} must lie in (0, 1], got {leaf}")
 
 
+def check_decay(name: str, value: Any) -> None:
+    """A concrete ``value`` (a moment decay, a momentum) lies in [0, 1)."""
+    for leaf in _concrete_leaves(value):
+        if not np.all((leaf >= 0) & (leaf < 1)):
+            raise ValueError(f"{name} must lie in [0, 1), got {leaf}")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """``value`` is one of the strings in ``choices``."""
     if value not in choices:

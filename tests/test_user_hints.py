@@ -31,6 +31,7 @@ def loss(params):
         (agsopt.ags, {"sigma": 0.5, "num_samples": 8}, "num_samples"),
         (agsopt.vsam, {"rho": 0.05, "warmup_steps": 3, "window": 10}, "warmup_steps"),
         (agsopt.ausam, {"num_examples": 100, "rho": 0.05, "steps_per_epoch": 10}, "num_examples"),
+        (agsopt.dgs, {"radius": 0.5, "step": "gradient"}, "num_nodes"),
     ],
 )
 def test_inject_hyperparams_without_static_args_names_them(factory, kwargs, integer):
@@ -95,3 +96,31 @@ def test_clipping_before_the_piece_is_a_no_op_and_after_it_clips(piece):
     norm = np.sqrt(sum(float(jnp.sum(u**2)) for u in jax.tree.leaves(after)))
     assert norm == pytest.approx(1e-3, rel=1e-4)
     assert np.sqrt(sum(float(jnp.sum(u**2)) for u in jax.tree.leaves(plain))) > 1e-2
+
+
+@pytest.mark.parametrize("alias", [agsopt.ags_adam, agsopt.igs_adam])
+def test_positional_smoothing_arguments_reach_adam_and_are_refused(alias):
+    """``ags_adam(lr, σ, N)`` would set Adam's b1 and b2: b2 = 64 is refused by name."""
+    with pytest.raises(ValueError, match=r"b2 must lie in \[0, 1\)"):
+        alias(0.01, 0.5, 64)
+    with pytest.raises(ValueError, match="b1"):
+        alias(0.01, 1.5)
+    with pytest.raises(ValueError, match="momentum"):
+        agsopt.ags_sgd(0.01, 2.0)
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        agsopt.ags_gd,
+        agsopt.ags_sgd,
+        agsopt.ags_adam,
+        agsopt.igs_gd,
+        agsopt.igs_sgd,
+        agsopt.igs_adam,
+    ],
+)
+def test_alias_docstrings_say_how_to_call_them(alias):
+    doc = alias.__doc__
+    for needed in ("value_fn", "sigma", "num_samples", "keyword-only", "Example::"):
+        assert needed in doc, (alias.__name__, needed)

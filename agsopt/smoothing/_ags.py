@@ -332,6 +332,8 @@ def ags_sgd(
     The minibatch enters through ``value_fn``; with a fixed Σ the iterates converge to a
     noisy ball whose radius grows with ‖Σ‖_F (arXiv:2411.11747).
     """
+    if momentum is not None:
+        validation.check_decay("momentum", momentum)
     return _with_smoothing(optax.sgd(learning_rate, momentum, nesterov), **ags_kwargs)
 
 
@@ -342,7 +344,10 @@ def ags_adam(
     eps: float = 1e-8,
     **ags_kwargs: Any,
 ):
-    """AGS-Adam: Adam on the smoothed-gradient estimate."""
+    """AGS-Adam: Adam on the smoothed-gradient estimate (arXiv:2411.11747)."""
+    validation.check_decay("b1", b1)
+    validation.check_decay("b2", b2)
+    validation.check_positive("eps", eps, allow_zero=True)
     return _with_smoothing(optax.adam(learning_rate, b1, b2, eps), **ags_kwargs)
 
 
@@ -379,8 +384,30 @@ def _spell_out_ags_keywords(alias: Callable[..., Any], fixed: tuple[str, ...] = 
     alias.__signature__ = inspect.signature(alias).replace(parameters=own + keywords)
 
 
+ALIAS_USAGE = """
+
+    ``optax.chain(ags(...), base)`` in one call, ``base`` the Optax optimizer named above
+    with its own positional arguments, in Optax's order. ``update(updates, state, params,
+    value_fn=f)``: the incoming ``updates`` are ignored (pass ``optax.tree.zeros_like(params)``
+    or the gradient tree) and ``f(params) -> scalar`` is the loss that is smoothed (a
+    minibatch loss closes over its batch). The smoothing is set by :func:`ags`'s arguments,
+    keyword-only here: ``sigma`` (σ, default 0.1), ``num_samples`` (16), ``covariance`` (AGS forms),
+    ``key``, ``method``… Name them: ``ags_adam(0.01, 0.5, 64)`` would set Adam's ``b1`` and
+    ``b2`` (and is refused, ``b2`` must lie in [0, 1)); write ``ags_adam(0.01, sigma=0.5,
+    num_samples=64)``.
+
+    Example::
+
+        opt = agsopt.ags_adam(0.01, sigma=0.5, num_samples=64, key=0)
+        state = opt.init(x)
+        updates, state = opt.update(optax.tree.zeros_like(x), state, x, value_fn=f)
+        x = optax.apply_updates(x, updates)
+    """
+
 for _alias in (ags_gd, ags_sgd, ags_adam):
     _spell_out_ags_keywords(_alias)
 for _alias in (igs_gd, igs_sgd, igs_adam):
     _spell_out_ags_keywords(_alias, fixed=("covariance",))
+for _alias in (ags_gd, ags_sgd, ags_adam, igs_gd, igs_sgd, igs_adam):
+    _alias.__doc__ = inspect.cleandoc(_alias.__doc__ + ALIAS_USAGE)
 del _alias

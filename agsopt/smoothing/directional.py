@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agsopt import _validation as validation
 from agsopt.smoothing.directions import orthonormal_rows
 from agsopt.smoothing.estimator import TabulatedValues
 from agsopt.tree_utils import tree_unflatten_vector
@@ -92,8 +93,7 @@ class DirectionalEstimate(NamedTuple):
 
 
 def _check_num_nodes(num_nodes: int) -> int:
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int | np.integer):
-        raise TypeError(f"num_nodes must be an odd int ≥ 3, got {num_nodes!r}")
+    num_nodes = validation.check_int("num_nodes", num_nodes, minimum=1)
     if num_nodes < 3 or num_nodes % 2 == 0:
         raise ValueError(
             f"num_nodes must be an odd int ≥ 3 (the node τ = 0 is f(x), shared by every "
