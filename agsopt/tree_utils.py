@@ -22,6 +22,7 @@ __all__ = [
     "key_for_state",
     "split_state_key",
     "state_key_copy",
+    "statistics_dtype",
     "tree_add_scaled",
     "tree_all_finite",
     "tree_norm",
@@ -36,6 +37,17 @@ __all__ = [
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """The dtype reductions over leaves of ``dtype`` are carried out in (≥ float32)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def statistics_dtype(params: PyTree) -> jnp.dtype:
+    """The float dtype of running statistics for ``params``: their float leaves' dtypes
+    promoted with float32 (float64 for float64 parameters under x64)."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(params):
+        leaf_dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(leaf_dtype, jnp.floating):
+            dtype = jnp.promote_types(dtype, leaf_dtype)
+    return dtype
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:

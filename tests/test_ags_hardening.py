@@ -417,6 +417,8 @@ DTYPES_SCRIPT = textwrap.dedent(
             final, updates = jax.jit(lambda s: jax.lax.scan(body, s, None, length=3))(state)
             after = jax.tree.map(lambda x: (x.shape, x.dtype), final)
             assert after == shapes, (name, shapes, after)
+            # the smoothed loss is kept to the parameters' precision (float64 leaves: f64)
+            assert final.value.dtype == (jnp.float64 if float64 else jnp.float32), name
             for u, x in zip(jax.tree.leaves(updates), jax.tree.leaves(leaves)):
                 assert u.dtype == x.dtype and u.shape == (3,) + x.shape, name
             checked.append(name)

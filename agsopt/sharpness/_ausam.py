@@ -208,7 +208,7 @@ from agsopt.sharpness._perturbation import (
     radius_at,
     sam_perturbation,
 )
-from agsopt.tree_utils import key_for_state, split_state_key, tree_add_scaled
+from agsopt.tree_utils import key_for_state, split_state_key, statistics_dtype, tree_add_scaled
 
 PyTree = Any
 
@@ -250,16 +250,6 @@ class AUSAMState(NamedTuple):
     dlp_count: jax.Array
     num_invalid_ids: jax.Array
     loss: jax.Array
-
-
-def _statistics_dtype(params: PyTree) -> jnp.dtype:
-    """The float dtype of running statistics for ``params``: float leaves promoted with f32."""
-    dtype = jnp.dtype(jnp.float32)
-    for leaf in jax.tree.leaves(params):
-        leaf_dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(leaf_dtype, jnp.floating):
-            dtype = jnp.promote_types(dtype, leaf_dtype)
-    return dtype
 
 
 def _saturating_add(counter: jax.Array, amount: jax.Array) -> jax.Array:
@@ -561,7 +551,7 @@ def ausam(
     key_shape = tuple(init_key.shape)
 
     def init_fn(params: PyTree) -> AUSAMState:
-        dtype = _statistics_dtype(params)
+        dtype = statistics_dtype(params)
         return AUSAMState(
             count=jnp.zeros((), jnp.int32),
             key=jnp.array(init_key, copy=True),  # a donated state must not delete init_key

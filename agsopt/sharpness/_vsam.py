@@ -183,7 +183,7 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._ausam import _saturating_add, _statistics_dtype
+from agsopt.sharpness._ausam import _saturating_add
 from agsopt.sharpness._hinted import check_phase_hint, choose_branch, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
@@ -196,6 +196,7 @@ from agsopt.sharpness._perturbation import (
 from agsopt.tree_utils import (
     key_for_state,
     split_state_key,
+    statistics_dtype,
     tree_add_scaled,
     tree_all_finite,
     tree_norm,
@@ -656,7 +657,7 @@ def vsam(
     key_shape = tuple(init_key.shape)
 
     def init_fn(params: PyTree) -> VSAMState:
-        dtype = _statistics_dtype(params)
+        dtype = statistics_dtype(params)
         zeros_k = lambda: jnp.zeros((window,), dtype)  # one buffer per field (donation)
         return VSAMState(
             count=jnp.zeros((), jnp.int32),

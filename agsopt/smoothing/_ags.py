@@ -29,6 +29,7 @@ from agsopt.tree_utils import (
     key_for_state,
     split_state_key,
     state_key_copy,
+    statistics_dtype,
     tree_all_finite,
     tree_size,
 )
@@ -53,8 +54,10 @@ class AGSState(NamedTuple):
       key: raw PRNG key data (``jax.random.key_data``), split at every step.
       count: steps taken (drives a σ schedule).
       rule_state: the covariance rule's state.
-      value: the most recent finite Monte Carlo estimate of the smoothed loss f_Σ (float32;
-        0 before the first one: finite, so that the state compares equal across processes).
+      value: the most recent finite Monte Carlo estimate of the smoothed loss f_Σ, in the
+        parameters' float dtype promoted with float32 (float64 under x64 for float64
+        parameters; 0 before the first one: finite, so that the state compares equal across
+        processes).
       num_evaluations: function evaluations spent so far (all steps).
       num_nonfinite: samples left out so far because the loss (or, first-order, its
         gradient) was not finite.
@@ -240,7 +243,7 @@ def ags(
             key=state_key_copy(key_data),
             count=zero(),
             rule_state=rule.init(params),
-            value=jnp.zeros((), jnp.float32),  # finite: multi-process device_put compares
+            value=jnp.zeros((), statistics_dtype(params)),  # finite: processes compare it
             num_evaluations=zero(),
             num_nonfinite=zero(),
             num_skipped=zero(),
@@ -292,7 +295,7 @@ def ags(
             candidate,
             state.rule_state,
         )
-        value = estimate.value.astype(jnp.float32)
+        value = estimate.value.astype(state.value.dtype)
         new_state = AGSState(
             key=next_key,
             count=optax.safe_increment(state.count),
