@@ -137,6 +137,10 @@ def dgs(
     ``k (M − 1) + 1`` points (:func:`~agsopt.smoothing.directional.directional_value_and_grad`)
     and adapts the radius with :func:`~agsopt.smoothing.adaptation.adapt_radius`.
 
+    Not in front of an optimizer (unless ``step="gradient"``): with ``"curvature"`` or
+    ``"lipschitz"`` the update is the step itself, like ``optax.sgd``'s; apply it with
+    ``optax.apply_updates``. ``optax.chain(dgs(r), optax.adam(lr))`` negates it and climbs.
+
     ``step="curvature"`` (the default; use it instead of an Optax optimizer): the update is
     ``−lr·∇`` with ``lr = 1/C_1``, the Newton step of the smoothed function along the main
     direction (:func:`~agsopt.smoothing.adaptation.curvature_learning_rate`), capped at the
@@ -401,6 +405,9 @@ def dgs_blackbox(
     metric (``anisotropic=True``; measured on the black-box protocol: up to 16× fewer
     evaluations on ill-conditioned functions, within 8 % of one radius elsewhere, README
     "Black-box benchmark"; it solves a k × k system per step, k ≤ 4096).
+
+    Like :func:`dgs`'s default, its update is the step itself: apply it with
+    ``optax.apply_updates``, do not chain an optimizer after it (that negates it).
 
     ``lower``/``upper``: the box, scalars (the same interval in every coordinate; the
     diagonal is then ``(upper − lower)·√d``, d known at ``init``) or arrays of the
