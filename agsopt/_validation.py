@@ -29,16 +29,33 @@ def _concrete_leaves(value: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(value) if is_concrete(x)]
 
 
-def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    """Every concrete entry of ``value`` (a number, array or pytree) is > 0 (or ≥ 0)."""
-    for leaf in _concrete_leaves(value):
+def _real_leaves(name: str, value: Any) -> list[np.ndarray]:
+    """The concrete leaves of ``value``, each checked to be a real number (not bool)."""
+    if value is None:
+        raise TypeError(f"{name} must be a real number, got None")
+    leaves = _concrete_leaves(value)
+    for leaf in leaves:
         if not np.issubdtype(leaf.dtype, np.number) or np.iscomplexobj(leaf):
             raise TypeError(f"{name} must be a real number, got dtype {leaf.dtype}")
+    return leaves
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Every concrete entry of ``value`` (a number, array or pytree) is > 0 (or ≥ 0)."""
+    for leaf in _real_leaves(name, value):
         bad = ~np.isfinite(leaf) | ((leaf < 0) if allow_zero else (leaf <= 0))
         if np.any(bad):
             bound = "non-negative" if allow_zero else "positive"
             first_bad = leaf.ravel()[bad.ravel()][0]
             raise ValueError(f"{name} must be finite and {bound}, got {first_bad}")
+
+
+def check_scalar(name: str, value: Any) -> None:
+    """A concrete ``value`` is a single number (shape ``()``), not an array or a list."""
+    if value is None or isinstance(value, str | bytes):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if is_concrete(value) and np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
 
 
 def check_int(
@@ -69,7 +86,7 @@ def check_int(
 
 def check_fraction(name: str, value: Any) -> None:
     """A concrete ``value`` lies in the half-open interval (0, 1]."""
-    for leaf in _concrete_leaves(value):
+    for leaf in _real_leaves(name, value):
         if not np.all((leaf > 0) & (leaf <= 1)):
             raise ValueError(f"{name} must lie in (0, 1], got {leaf}")
 
@@ -173,8 +190,9 @@ def check_scalar_output(fun: Callable[..., Any], args: Any, owner: str, name: st
     (trace time only: nothing is evaluated)."""
     out = jax.eval_shape(fun, args)
     leaves = jax.tree.leaves(out)
-    if len(leaves) == 1 and getattr(leaves[0], "shape", None) == ():
-        dtype = leaves[0].dtype
+    single = len(leaves) == 1 and leaves[0] is out  # an array, not a dict or list of one
+    if single and getattr(out, "shape", None) == ():
+        dtype = out.dtype
         if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating) or not (
             jax.numpy.issubdtype(dtype, jax.numpy.number)
             or jax.numpy.issubdtype(dtype, jax.numpy.bool_)
@@ -182,8 +200,20 @@ def check_scalar_output(fun: Callable[..., Any], args: Any, owner: str, name: st
             raise TypeError(f"{owner}: {name} must return a real scalar, got dtype {dtype}")
         return
     got = (
-        f"shape {leaves[0].shape} {leaves[0].dtype}"
-        if len(leaves) == 1
+        f"shape {out.shape} {out.dtype}"
+        if single
         else f"{type(out).__name__} with {len(leaves)} arrays"
     )
     raise TypeError(f"{owner}: {name} must return a scalar (shape ()), got {got}")
+
+
+def check_state_fields(state: Any, kind: type, owner: str) -> None:
+    """``state`` has the fields of the NamedTuple ``kind`` (e.g. not the state of another
+    transformation, nor the tuple of a whole ``optax.chain``); else a ``TypeError``."""
+    missing = [f for f in kind._fields if not hasattr(state, f)]
+    if missing:
+        raise TypeError(
+            f"{owner}: state must be the {kind.__name__} that this transformation's init "
+            f"returned, got {type(state).__name__} (no field {missing[0]!r}): the state of "
+            "another transformation, or of a whole optax.chain, was passed"
+        )

@@ -89,8 +89,11 @@ ROTATED_PREFIX = "rotated_"
 
 
 def _as_vector(x: jax.Array) -> jax.Array:
-    """``x`` as a floating JAX array of shape ``(d,)``, d ≥ 1 (ValueError otherwise)."""
+    """``x`` as a floating JAX array of shape ``(d,)``, d ≥ 1 (ValueError otherwise; a
+    complex ``x`` is a TypeError: casting it to real would drop its imaginary part)."""
     x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"test functions take a real point, got dtype {x.dtype}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     if x.ndim != 1 or x.shape[0] < 1:

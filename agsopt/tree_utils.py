@@ -25,6 +25,7 @@ __all__ = [
     "statistics_dtype",
     "tree_add_scaled",
     "tree_all_finite",
+    "tree_as_arrays",
     "tree_norm",
     "tree_normalize",
     "tree_scale",
@@ -92,6 +93,12 @@ def tree_size(tree: PyTree) -> int:
     return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
 
 
+def tree_as_arrays(tree: PyTree) -> PyTree:
+    """``tree`` with its Python-number leaves (``2.0``, ``[1.0, 2.0]``) made JAX arrays;
+    array leaves (JAX or NumPy) are kept as they are."""
+    return jax.tree.map(lambda x: x if hasattr(x, "shape") else jnp.asarray(x), tree)
+
+
 def tree_all_finite(tree: PyTree) -> jax.Array:
     """A boolean scalar: are all entries of every leaf finite?"""
     checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
@@ -122,10 +129,21 @@ def _seed_key(seed: int) -> jax.Array:
     return jax.random.fold_in(typed, high)
 
 
+def _single_key(key: jax.Array, shape: tuple[int, ...], single: tuple[int, ...]) -> jax.Array:
+    """``key`` itself if its shape is one key's (``single``), else a ``ValueError``: a batch
+    of keys (``jax.random.split(key, n)``) is not one key."""
+    if tuple(shape) != single:
+        raise ValueError(
+            f"key must be a single PRNG key, got a batch of keys of shape {tuple(shape)} "
+            f"(one key has shape {single}); pass one of them, e.g. keys[0]"
+        )
+    return key
+
+
 def as_key(key: int | jax.Array) -> jax.Array:
     """Accept an int seed in ``[0, 2**64)`` (also a 0-d integer array), a typed key or a raw
     ``uint32`` key. Distinct seeds give distinct keys (see :func:`_seed_key`); a negative or
-    too large seed is a ``ValueError``."""
+    too large seed, or a batch of keys, is a ``ValueError``."""
     if isinstance(key, bool):
         raise TypeError("key must be an int seed or a JAX PRNG key, got bool")
     if isinstance(key, numbers.Integral):
@@ -133,9 +151,9 @@ def as_key(key: int | jax.Array) -> jax.Array:
     dtype = getattr(key, "dtype", None)
     if dtype is not None:
         if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-            return key
+            return _single_key(key, jnp.shape(key), ())
         if dtype == jnp.uint32 and jnp.shape(key)[-1:] == (2,):
-            return jax.random.wrap_key_data(key)
+            return jax.random.wrap_key_data(_single_key(key, jnp.shape(key), (2,)))
         if jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0:
             if not isinstance(key, jax.core.Tracer):
                 return _seed_key(int(key))

@@ -454,6 +454,7 @@ def _check_ids(ids: Any, num_examples: int) -> jax.Array:
 
 def _check_state(state: AUSAMState, num_examples: int, key_shape: tuple[int, ...]) -> None:
     """Trace-time check that ``state`` was built for this configuration."""
+    validation.check_state_fields(state, AUSAMState, "agsopt.ausam")
     for name, shape, arg in (
         ("dlp_sum", (num_examples,), f"num_examples={num_examples}"),
         ("dlp_count", (num_examples,), f"num_examples={num_examples}"),

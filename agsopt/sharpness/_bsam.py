@@ -27,6 +27,7 @@ from agsopt import _validation as validation
 from agsopt.sharpness._hinted import choose_branch
 from agsopt.sharpness._perturbation import (
     Radius,
+    check_gradient_call,
     check_radius,
     mean_over_shards,
     perturbed_gradient,
@@ -277,8 +278,10 @@ def bsam(
         **extra_args: Any,
     ) -> tuple[PyTree, BSAMState]:
         value_fn = validation.require_value_fn(value_fn, "agsopt.bsam")
+        validation.check_state_fields(state, BSAMState, "agsopt.bsam")
         if params is None:
             raise TypeError("agsopt.bsam: update() needs params")
+        check_gradient_call(updates, params, value_fn, "agsopt.bsam")
         r_max = radius_at(rho_max, state.count)
         r_min = radius_at(rho_min, state.count)
         g_norm = tree_norm(updates) + eps

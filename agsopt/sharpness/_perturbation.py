@@ -28,6 +28,7 @@ Radius = float | jax.Array | Callable[[jax.Array], jax.Array]
 Mask = PyTree | Callable[[PyTree], PyTree]
 
 __all__ = [
+    "check_gradient_call",
     "check_radius",
     "fill_masked_params",
     "mean_over_shards",
@@ -136,6 +137,23 @@ def sam_perturbation(
     scaled = jax.tree.map(lambda t, g: t * _acc(g), scales, grads)
     factor = rho / (tree_norm(scaled) + eps)
     return jax.tree.map(lambda t, s, g: (factor * t * s).astype(g.dtype), scales, scaled, grads)
+
+
+def check_gradient_call(
+    updates: PyTree, params: PyTree, value_fn: Callable[[PyTree], jax.Array], owner: str
+) -> None:
+    """Trace-time checks of a SAM-family ``update``: ``updates`` is the gradient ``g = ∇L(w)``
+    (leaves shaped like the parameters', not ``None``) and ``value_fn`` returns a scalar
+    (unless the parameters hold ``optax.MaskedNode``: ``perturbed_gradient`` checks those)."""
+    got = [tuple(jnp.shape(x)) for x in jax.tree.leaves(updates)]
+    want = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
+    if got != want:
+        raise TypeError(
+            f"{owner}: updates must be the gradient g = ∇L(w), a pytree shaped like params "
+            f"(leaf shapes {want}); got {type(updates).__name__} with leaf shapes {got}"
+        )
+    if not any(_is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=_is_masked_node)):
+        validation.check_scalar_output(value_fn, params, owner, "value_fn")
 
 
 def perturbed_gradient(

@@ -28,6 +28,7 @@ from agsopt.sharpness._hinted import choose_branch
 from agsopt.sharpness._perturbation import (
     Mask,
     Radius,
+    check_gradient_call,
     check_radius,
     mean_over_shards,
     perturbed_gradient,
@@ -215,8 +216,10 @@ def sam(
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
         value_fn = validation.require_value_fn(value_fn, "agsopt.sam")
+        validation.check_state_fields(state, SAMState, "agsopt.sam")
         if params is None:
             raise TypeError("agsopt.sam: update() needs params")
+        check_gradient_call(updates, params, value_fn, "agsopt.sam")
         rho_now = radius_at(rho, state.count)
 
         def sharp_gradient() -> PyTree:

@@ -187,6 +187,7 @@ from agsopt.sharpness._ausam import _saturating_add
 from agsopt.sharpness._hinted import check_phase_hint, choose_branch, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
+    check_gradient_call,
     check_radius,
     mean_over_shards,
     perturbed_gradient,
@@ -516,6 +517,7 @@ def _max_sr(window: int, max_p: float | jax.Array, dtype: Any) -> jax.Array:
 
 def _check_state(state: VSAMState, params: PyTree, window: int, key_shape: tuple[int, ...]) -> None:
     """Trace-time check that ``state`` was built for this configuration and these params."""
+    validation.check_state_fields(state, VSAMState, "agsopt.vsam")
     for name in ("ratio_history", "psf_norm_history", "var_history", "schedule"):
         got = tuple(jnp.shape(getattr(state, name)))
         if got != (window,):
@@ -646,6 +648,7 @@ def vsam(
     last_layer = _check_last_layer(last_layer)
     reuse_steps = validation.check_int("reuse_steps", reuse_steps, minimum=0)
     check_radius("rho", rho)
+    validation.check_scalar("max_p", max_p)
     validation.check_fraction("max_p", max_p)
     if validation.is_concrete(max_p) and int(window * float(np.asarray(max_p))) < 1:
         raise ValueError(f"max_p must allow one SAM step per window: window·max_p < 1 ({max_p})")
@@ -688,6 +691,7 @@ def vsam(
         value_fn = validation.require_value_fn(value_fn, "agsopt.vsam")
         if params is None:
             raise TypeError("agsopt.vsam: update() needs params")
+        check_gradient_call(updates, params, value_fn, "agsopt.vsam")
         _check_state(state, params, window, key_shape)
         state = jax.tree.map(jnp.asarray, state)  # e.g. NumPy leaves of a restored checkpoint
         rho_t = radius_at(rho, state.count)

@@ -22,6 +22,7 @@ import optax
 
 from agsopt import _validation as validation
 from agsopt.smoothing import estimator
+from agsopt.smoothing.covariance import map_with_prefix
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
 from agsopt.smoothing.directions import check_noise_table
 from agsopt.smoothing.estimator import METHODS, SmoothedEstimate
@@ -31,6 +32,7 @@ from agsopt.tree_utils import (
     state_key_copy,
     statistics_dtype,
     tree_all_finite,
+    tree_as_arrays,
     tree_size,
 )
 
@@ -95,6 +97,27 @@ def _sigma_is_static(sigma: ScalarOrSchedule) -> bool:
     return not callable(sigma) and all(validation.is_concrete(s) for s in jax.tree.leaves(sigma))
 
 
+def _check_sigma_fits(sigma_now: PyTree, params: PyTree) -> None:
+    """σ is a number, one per leaf, or a tree like ``params`` (a prefix of it) whose leaves
+    broadcast to the parameters' shapes; else a ``ValueError`` naming sigma (trace time)."""
+    if not jax.tree.leaves(sigma_now):  # a schedule returning None: _sigma_is_valid says so
+        return
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
+    try:
+        scaled = jax.eval_shape(
+            lambda s, p: map_with_prefix(lambda a, b: a * b, s, p), sigma_now, params
+        )
+        fits = shapes(scaled) == shapes(params)
+    except (TypeError, ValueError):
+        fits = False
+    if not fits:
+        raise ValueError(
+            "agsopt.ags: sigma must be a number, one number per leaf of the parameters, or a "
+            "pytree like them whose leaves broadcast to theirs; got shapes "
+            f"{shapes(sigma_now)} for parameters of shapes {shapes(params)}"
+        )
+
+
 def _sigma_is_valid(sigma_now: PyTree) -> jax.Array:
     """Is every entry of the step's σ finite and positive? (a traced boolean)"""
     leaves = [jnp.asarray(s) for s in jax.tree.leaves(sigma_now)]
@@ -120,8 +143,9 @@ def _check_state(
     state: AGSState, params: PyTree, rule: CovarianceRule, key_shape: tuple[int, ...]
 ) -> None:
     """Trace-time check that ``state`` was built by this ``ags`` for parameters shaped like
-    ``params``: its key's shape, and its rule state's structure and shapes against
+    ``params``: its fields, its key's shape, and its rule state's structure and shapes against
     ``rule.init(params)`` (e.g. a checkpoint restored into parameters of another size)."""
+    validation.check_state_fields(state, AGSState, "agsopt.ags")
     if tuple(jnp.shape(state.key)) != key_shape:
         raise ValueError(
             f"agsopt.ags: state.key has shape {tuple(jnp.shape(state.key))}, but this ags's "
@@ -233,9 +257,12 @@ def ags(
         check_noise_table(noise_table, None, "agsopt.ags")
 
     def init_fn(params: PyTree) -> AGSState:
+        params = tree_as_arrays(params)
         validation.check_float_params(params, "agsopt.ags")
         if noise_table is not None:
             check_noise_table(noise_table, tree_size(params), "agsopt.ags")
+        if sigma_static:
+            _check_sigma_fits(sigma, params)
         # Every field its own buffer, and a copy of the transformation's key: a state donated
         # to a jitted step (donate_argnums) must neither alias itself nor delete that key.
         zero = lambda: jnp.zeros((), jnp.int32)
@@ -255,9 +282,11 @@ def ags(
         value_fn = validation.require_value_fn(value_fn, "agsopt.ags")
         if params is None:
             raise TypeError("agsopt.ags: update() needs params")
+        params = tree_as_arrays(params)
         _check_state(state, params, rule, key_data.shape)
         next_key, step_key = split_state_key(state.key, key_impl)
         sigma_now = sigma(state.count) if callable(sigma) else sigma
+        _check_sigma_fits(sigma_now, params)
 
         def run_estimate() -> SmoothedEstimate:
             return estimator.estimate(

@@ -42,7 +42,8 @@ from agsopt.smoothing._ags import (
     _sigma_is_valid,
     ags,
 )
-from agsopt.smoothing._dgs import DGSState, dgs, step_directions
+from agsopt.smoothing._ags import _check_state as check_ags_state
+from agsopt.smoothing._dgs import DGSState, check_state, dgs, step_directions
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
 from agsopt.tree_utils import key_for_state, split_state_key
 
@@ -166,6 +167,11 @@ def ask_tell(
             "agsopt.ask_tell: method='first_order' needs gradients of the function, which a "
             "black box does not give; use 'antithetic', 'forward' or 'plain'"
         )
+    if base is not None and not (hasattr(base, "init") and hasattr(base, "update")):
+        raise TypeError(
+            "agsopt.ask_tell: base must be an Optax optimizer (e.g. optax.adam(1e-2)) or None, "
+            f"got {type(base).__name__}; the smoothing settings are keyword arguments"
+        )
     smoother = ags(
         sigma,
         num_samples,
@@ -178,7 +184,7 @@ def ask_tell(
     )
     opt = smoother if base is None else optax.chain(smoother, base)
     rule = get_rule(covariance)
-    _, key_impl = key_for_state(key)
+    key_data, key_impl = key_for_state(key)
     num_points = estimator.evaluations_per_estimate(method, num_samples)
 
     def smoothing_state(state: Any) -> AGSState:
@@ -215,7 +221,7 @@ def ask_tell(
         return opt.update(updates, state, params, value_fn=estimator.TabulatedValues(values))
 
     def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
-        smoothing_state(state)
+        check_ags_state(smoothing_state(state), params, rule, key_data.shape)
         batch, sigma_ok = points_of(state, params)
         batch = jax.tree.map(np.asarray, batch)
         count = num_points
@@ -248,7 +254,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     tx = dgs(radius, **dgs_kwargs)
     num_directions = dgs_kwargs.get("num_directions")
     num_nodes = dgs_kwargs.get("num_nodes", 5)
-    _, key_impl = key_for_state(dgs_kwargs.get("key", 0))
+    key_data, key_impl = key_for_state(dgs_kwargs.get("key", 0))
 
     def own_state(state: Any) -> DGSState:
         if not isinstance(state, DGSState):
@@ -274,6 +280,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
 
     def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
         own = own_state(state)
+        check_state(own, params, key_data.shape)
         batch = jax.tree.map(np.asarray, points_of(own, params))
         count = directional.evaluations_per_step(directions_of(own), num_nodes)
         return batch, Ticket(state, params, count)

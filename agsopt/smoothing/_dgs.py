@@ -24,6 +24,7 @@ few per cent elsewhere.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -42,6 +43,7 @@ from agsopt.smoothing.directional import (
     directional_basis,
     directional_value_and_grad,
 )
+from agsopt.smoothing.estimator import TabulatedValues
 from agsopt.tree_utils import key_for_state, split_state_key, tree_size, tree_unflatten_vector
 
 __all__ = ["DGSState", "dgs", "dgs_blackbox"]
@@ -184,7 +186,7 @@ def dgs(
       chunk_size: directions evaluated at once (memory O(chunk_size · M · d)).
     """
     if not callable(radius):
-        validation.check_positive("radius", radius)
+        _check_number("radius", radius)
     num_nodes = _check_num_nodes(num_nodes)
     anisotropic = validation.check_bool("anisotropic", anisotropic)
     step = validation.check_choice("step", step, STEPS)
@@ -193,16 +195,18 @@ def dgs(
     if chunk_size is not None:
         chunk_size = validation.check_int("chunk_size", chunk_size, minimum=1)
     restarts = validation.check_int("restarts", restarts, minimum=0)
-    for name, value in (("min_radius", min_radius), ("max_radius", max_radius)):
+    for name, value in (
+        ("min_radius", min_radius),
+        ("max_radius", max_radius),
+        ("initial_lipschitz", initial_lipschitz),
+    ):
         if value is not None:
-            validation.check_positive(name, value)
+            _check_number(name, value)
     if tolerance is not None:
-        validation.check_positive("tolerance", tolerance, allow_zero=True)
+        _check_number("tolerance", tolerance, allow_zero=True)
     if not callable(radius):
         _check_radius_bounds(radius, min_radius, max_radius)
-    lr_min, lr_max = (float(b) for b in lr_bounds)
-    if not 0 <= lr_min <= lr_max:
-        raise ValueError(f"lr_bounds must be 0 ≤ lr_min ≤ lr_max, got {lr_bounds!r}")
+    lr_min, lr_max = _check_lr_bounds(lr_bounds)
     key_data, key_impl = key_for_state(key)
     l0 = jnp.nan if initial_lipschitz is None else initial_lipschitz
 
@@ -222,7 +226,7 @@ def dgs(
         s0 = radius
         if callable(radius):
             s0 = radius(dim)
-            validation.check_positive("radius", s0)
+            _check_number("radius", s0)
             _check_radius_bounds(s0, min_radius, max_radius)
         return DGSState(
             key=jnp.array(key_data),
@@ -251,6 +255,9 @@ def dgs(
         if params is None:
             raise ValueError("agsopt.dgs needs params (the point at which to estimate)")
         value_fn = validation.require_value_fn(value_fn, "agsopt.dgs")
+        check_state(state, params, key_data.shape)
+        if not isinstance(inspect.unwrap(value_fn), TabulatedValues):
+            validation.check_scalar_output(value_fn, params, "agsopt.dgs", "value_fn")
         dim = state.direction.shape[0]
         k = dim if num_directions is None else num_directions
         dtype = state.direction.dtype
@@ -358,6 +365,48 @@ def dgs(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """A concrete ``value`` is one finite real number > 0 (≥ 0 with ``allow_zero``)."""
+    validation.check_scalar(name, value)
+    validation.check_positive(name, value, allow_zero=allow_zero)
+
+
+def _check_lr_bounds(lr_bounds: Any) -> tuple[float, float]:
+    """``lr_bounds`` as ``(lr_min, lr_max)`` with ``0 ≤ lr_min ≤ lr_max`` (else an error)."""
+    try:
+        lr_min, lr_max = (float(b) for b in lr_bounds)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"lr_bounds must be a pair of numbers (lr_min, lr_max), got {lr_bounds!r}"
+        ) from None
+    if not 0 <= lr_min <= lr_max:
+        raise ValueError(f"lr_bounds must be 0 ≤ lr_min ≤ lr_max, got {lr_bounds!r}")
+    return lr_min, lr_max
+
+
+def check_state(state: Any, params: PyTree, key_shape: tuple[int, ...]) -> None:
+    """Trace-time check that ``state`` is a :class:`DGSState` made by a ``dgs`` with a key of
+    ``key_shape`` for parameters shaped like ``params`` (e.g. not a checkpoint restored into
+    parameters of another size)."""
+    validation.check_state_fields(state, DGSState, "agsopt.dgs")
+    if tuple(jnp.shape(state.key)) != tuple(key_shape):
+        raise ValueError(
+            f"agsopt.dgs: state.key has shape {tuple(jnp.shape(state.key))}, but this dgs's "
+            f"key needs {tuple(key_shape)}: the state was made by a differently configured dgs"
+        )
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
+    same = jax.tree.structure(state.best_params) == jax.tree.structure(params) and shapes(
+        state.best_params
+    ) == shapes(params)
+    if not same or jnp.shape(state.direction) != (tree_size(params),):
+        raise ValueError(
+            "agsopt.dgs: the state was initialized for other parameters (e.g. a checkpoint "
+            f"restored into parameters of another size): its best_params have shapes "
+            f"{shapes(state.best_params)}, these params {shapes(params)}. Re-initialize it "
+            "with init(params)."
+        )
+
+
 def _check_radius_bounds(radius: Any, min_radius: Any, max_radius: Any) -> None:
     """``10·s_min < s_0 < s_max/10`` (the restart thresholds), for concrete values."""
     s_min = radius * 1e-4 if min_radius is None else min_radius
@@ -371,7 +420,10 @@ def _check_radius_bounds(radius: Any, min_radius: Any, max_radius: Any) -> None:
 
 
 def _box_width(lower: Any, upper: Any) -> np.ndarray:
-    """``upper − lower`` (scalars or arrays), checked finite and positive."""
+    """``upper − lower`` (scalars or arrays), checked real, finite and positive."""
+    for name, value in (("lower", lower), ("upper", upper)):
+        if not np.issubdtype(np.asarray(value).dtype, np.number) or np.iscomplexobj(value):
+            raise TypeError(f"{name} must be a real number or array, got {value!r}")
     lower = np.asarray(lower, np.float64)
     upper = np.asarray(upper, np.float64)
     try:
@@ -385,6 +437,26 @@ def _box_width(lower: Any, upper: Any) -> np.ndarray:
             f"lower and upper must be finite with upper > lower everywhere, got {lower}, {upper}"
         )
     return width
+
+
+def _box_radius(width: np.ndarray) -> Callable[[int], float]:
+    """``d -> s_0 = ‖box diagonal‖ / (10√2)`` for the box of side(s) ``width``; an array box
+    must have d entries (checked at ``init``, a ``ValueError`` otherwise)."""
+    # Python floats and ints only: closures may be traced (equinox, optimistix)
+    side = float(width) if width.ndim == 0 else None
+    diagonal, size = float(np.linalg.norm(width)), int(width.size)
+
+    def radius(dim: int) -> float:
+        if side is not None:
+            return side * math.sqrt(dim) / (10 * math.sqrt(2.0))
+        if size != dim:
+            raise ValueError(
+                f"agsopt.dgs_blackbox: lower and upper have {size} entries, but the "
+                f"parameters have d = {dim}: give one bound per parameter, or scalars"
+            )
+        return diagonal / (10 * math.sqrt(2.0))
+
+    return radius
 
 
 def dgs_blackbox(
@@ -414,14 +486,8 @@ def dgs_blackbox(
     parameters' flat length. The keyword arguments are :func:`dgs`'s (use :func:`dgs` for
     the rest).
     """
-    width = _box_width(lower, upper)
-    if width.ndim == 0:
-        side = float(width)  # a Python float: closures may be traced (equinox, optimistix)
-        radius = lambda dim: side * math.sqrt(dim) / (10 * math.sqrt(2.0))  # noqa: E731
-    else:
-        radius = float(np.linalg.norm(width)) / (10 * math.sqrt(2.0))
     return dgs(
-        radius,
+        _box_radius(_box_width(lower, upper)),
         num_directions=num_directions,
         num_nodes=num_nodes,
         anisotropic=anisotropic,

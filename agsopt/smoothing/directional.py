@@ -186,6 +186,28 @@ def directional_points(
     return jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat)
 
 
+def _check_inputs(
+    fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    directions: Any,
+    radii: Any,
+    chunk_size: int | None,
+) -> jax.Array:
+    """The argument checks of :func:`directional_value_and_grad` (errors name the argument);
+    returns ``directions`` as a JAX array."""
+    owner = "agsopt.directional_value_and_grad"
+    validation.check_float_params(params, owner)
+    if not isinstance(inspect.unwrap(fn), TabulatedValues):
+        validation.check_scalar_output(fn, params, owner, "fn")
+    directions = jnp.asarray(directions)
+    if directions.ndim != 2:
+        raise ValueError(f"directions must be a (k, d) array, got shape {directions.shape}")
+    validation.check_positive("radii", radii)
+    if chunk_size is not None:
+        validation.check_int("chunk_size", chunk_size, minimum=1)
+    return directions
+
+
 def directional_value_and_grad(
     fn: Callable[[PyTree], jax.Array],
     params: PyTree,
@@ -214,6 +236,7 @@ def directional_value_and_grad(
       A :class:`DirectionalEstimate` (see the module doc for the formulas).
     """
     num_nodes = _check_num_nodes(num_nodes)
+    directions = _check_inputs(fn, params, directions, radii, chunk_size)
     x = _flatten(params)
     k, dim = directions.shape
     if dim != x.shape[0]:

@@ -100,7 +100,7 @@ import jax.numpy as jnp
 from agsopt import _validation as validation
 from agsopt.smoothing.covariance import SmoothingMatrix
 from agsopt.smoothing.directions import check_noise_table, sample_directions
-from agsopt.tree_utils import accumulation_dtype, tree_size, tree_unflatten_vector
+from agsopt.tree_utils import accumulation_dtype, as_key, tree_size, tree_unflatten_vector
 
 PyTree = Any
 
@@ -511,8 +511,9 @@ def smoothed_value_and_grad(
         leaf in its accumulation dtype (float32 for bfloat16/float16 leaves).
       params: the point x, a non-empty pytree of real floating arrays (``TypeError`` naming
         the leaf for an integer or complex one).
-      key: a JAX PRNG key (any implementation); sample n uses ``fold_in(key, n)`` (with
-        ``orthogonal``, the same rows orthogonalized within their block).
+      key: a JAX PRNG key (any implementation) or an int seed; sample n uses
+        ``fold_in(key, n)`` (with ``orthogonal``, the same rows orthogonalized within their
+        block).
       matrix: Σ, e.g. ``agsopt.covariance.isotropic(0.1)``. A Σ with a zero or non-finite
         entry gives a non-finite estimate (the :func:`agsopt.ags` wrapper checks σ).
       num_samples: N, the number of directions u_n (antithetic pairs count once), at most
@@ -648,6 +649,12 @@ def estimate(
     curvature: bool = False,
 ) -> SmoothedEstimate:
     """:func:`smoothed_value_and_grad`, with the caller's names in its error messages."""
+    key = as_key(key)
+    if not (hasattr(matrix, "apply") and hasattr(matrix, "solve_transpose")):
+        raise TypeError(
+            f"{owner}: matrix must be a smoothing matrix Σ, e.g. "
+            f"agsopt.covariance.isotropic(0.1), got {type(matrix).__name__}"
+        )
     num_samples = check_num_samples(num_samples)
     validation.check_choice("method", method, METHODS)
     orthogonal = validation.check_bool("orthogonal", orthogonal)
