@@ -18,7 +18,7 @@ Test functions for convergence studies: :mod:`agsopt.functions`. Flax NNX models
 ``nnx.State`` that ``value_fn`` must be (Flax is imported only when it is called).
 """
 
-from agsopt import functions, nnx, sharpness, smoothing, tree_utils
+from agsopt import functions, masking, nnx, sharpness, smoothing, tree_utils
 from agsopt.sharpness import (
     AUSAMState,
     BSAMState,
@@ -92,6 +92,7 @@ __all__ = [
     "igs_adam",
     "igs_gd",
     "igs_sgd",
+    "masking",
     "nnx",
     "sam",
     "sam_perturbation",

@@ -12,6 +12,7 @@ should step with; the loss reaches it as the keyword argument ``value_fn``. The 
 ascent step lives in :func:`sam_perturbation`.
 """
 
+from agsopt.masking import fill_masked_params
 from agsopt.sharpness._ausam import (
     AUSAMState,
     ausam,
@@ -32,7 +33,6 @@ from agsopt.sharpness._bsam import (
     bsam_rho_min_schedule,
 )
 from agsopt.sharpness._perturbation import (
-    fill_masked_params,
     mean_over_shards,
     perturbed_gradient,
     sam_perturbation,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
+from agsopt.masking import check_masked_value_fn
 from agsopt.smoothing import estimator
 from agsopt.smoothing.covariance import map_with_prefix
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
@@ -282,6 +283,7 @@ def ags(
         value_fn = validation.require_value_fn(value_fn, "agsopt.ags")
         if params is None:
             raise TypeError("agsopt.ags: update() needs params")
+        check_masked_value_fn(value_fn, params, "agsopt.ags")
         params = tree_as_arrays(params)
         _check_state(state, params, rule, key_data.shape)
         next_key, step_key = split_state_key(state.key, key_impl)

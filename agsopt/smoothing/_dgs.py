@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
+from agsopt.masking import check_masked_value_fn
 from agsopt.smoothing import adaptation
 from agsopt.smoothing._ags import _saturating_add
 from agsopt.smoothing.directional import (
@@ -255,6 +256,7 @@ def dgs(
         if params is None:
             raise ValueError("agsopt.dgs needs params (the point at which to estimate)")
         value_fn = validation.require_value_fn(value_fn, "agsopt.dgs")
+        check_masked_value_fn(value_fn, params, "agsopt.dgs")
         check_state(state, params, key_data.shape)
         if not isinstance(inspect.unwrap(value_fn), TabulatedValues):
             validation.check_scalar_output(value_fn, params, "agsopt.dgs", "value_fn")
