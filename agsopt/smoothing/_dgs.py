@@ -185,6 +185,11 @@ def dgs(
         reset (ASGF's 1; ``None``: the first measured L_1).
       key: PRNG key or int seed.
       chunk_size: directions evaluated at once (memory O(chunk_size · M · d)).
+
+    The radius is read by ``init`` (then adapted in the state): injecting it with
+    ``optax.inject_hyperparams`` changes nothing after ``init``. Under
+    ``optax.inject_hyperparams`` name ``num_directions``, ``num_nodes``, ``anisotropic``,
+    ``step``, ``restarts`` and ``chunk_size`` in ``static_args``.
     """
     if not callable(radius):
         _check_number("radius", radius)
@@ -424,6 +429,12 @@ def _check_radius_bounds(radius: Any, min_radius: Any, max_radius: Any) -> None:
 def _box_width(lower: Any, upper: Any) -> np.ndarray:
     """``upper − lower`` (scalars or arrays), checked real, finite and positive."""
     for name, value in (("lower", lower), ("upper", upper)):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value)):
+            raise TypeError(
+                f"{name} must be known when dgs_blackbox is built (a number or a NumPy "
+                "array), got a traced value: under optax.inject_hyperparams name it in "
+                "static_args, e.g. static_args=('lower', 'upper', 'num_nodes', 'restarts')"
+            )
         if not np.issubdtype(np.asarray(value).dtype, np.number) or np.iscomplexobj(value):
             raise TypeError(f"{name} must be a real number or array, got {value!r}")
     lower = np.asarray(lower, np.float64)
@@ -485,8 +496,11 @@ def dgs_blackbox(
 
     ``lower``/``upper``: the box, scalars (the same interval in every coordinate; the
     diagonal is then ``(upper − lower)·√d``, d known at ``init``) or arrays of the
-    parameters' flat length. The keyword arguments are :func:`dgs`'s (use :func:`dgs` for
-    the rest).
+    parameters' flat length. The box sets the scale of the search (the initial radius); it
+    is not a constraint: iterates and ``best_params`` may leave it (clip or penalize f
+    outside it where that matters). The keyword arguments are :func:`dgs`'s (use
+    :func:`dgs` for the rest); under ``optax.inject_hyperparams`` name ``lower`` and
+    ``upper`` in ``static_args`` too.
     """
     return dgs(
         _box_radius(_box_width(lower, upper)),
