@@ -210,10 +210,13 @@ def check_scalar_output(fun: Callable[..., Any], args: Any, owner: str, name: st
 def check_state_fields(state: Any, kind: type, owner: str) -> None:
     """``state`` has the fields of the NamedTuple ``kind`` (e.g. not the state of another
     transformation, nor the tuple of a whole ``optax.chain``); else a ``TypeError``."""
+    fields = getattr(type(state), "_fields", None)  # another NamedTuple: its own fields
+    other = fields is not None and tuple(fields) != tuple(kind._fields)
     missing = [f for f in kind._fields if not hasattr(state, f)]
-    if missing:
+    if other or missing:
+        detail = f"fields {tuple(fields)}" if other else f"no field {missing[0]!r}"
         raise TypeError(
             f"{owner}: state must be the {kind.__name__} that this transformation's init "
-            f"returned, got {type(state).__name__} (no field {missing[0]!r}): the state of "
-            "another transformation, or of a whole optax.chain, was passed"
+            f"returned, got {type(state).__name__} ({detail}): the state of another "
+            "transformation, or of a whole optax.chain, was passed"
         )

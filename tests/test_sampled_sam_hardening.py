@@ -223,6 +223,73 @@ def test_ausam_accepts_a_rho_schedule():
     assert int(state.count) == 3
 
 
+def _bad_rho(count):
+    """0.05, except NaN at step 2 and −0.1 at step 4 (a buggy schedule, an injected NaN)."""
+    return jnp.where(count == 2, jnp.nan, jnp.where(count == 4, -0.1, 0.05))
+
+
+def test_ausam_skips_a_step_whose_rho_is_invalid_and_counts_it():
+    """As SAM: zero update, no record, ``loss`` kept, ``num_skipped`` + 1; the steps around
+    it are the fixed-ρ closed form."""
+    params = {"w": jnp.asarray(W, jnp.float32)}
+    opt = ausam(N_EXAMPLES, _bad_rho, steps_per_epoch=5)
+    state = opt.init(params)
+    step = jax.jit(lambda s: ausam_step(opt, s, params))
+    for count in range(5):  # the first epoch: full-batch steps, the closed form's
+        before = state
+        out, state = step(state)
+        if count in (2, 4):
+            np.testing.assert_array_equal(np.asarray(out["w"]), 0.0)
+            for name in ("dlp_sum", "dlp_count", "loss"):
+                np.testing.assert_array_equal(getattr(state, name), getattr(before, name))
+            assert int(state.num_skipped) == int(before.num_skipped) + 1
+        else:
+            np.testing.assert_allclose(np.asarray(out["w"]), closed_form(0.05)[0], rtol=1e-5)
+            assert int(state.num_skipped) == int(before.num_skipped)
+    assert int(state.num_skipped) == 2 and int(state.count) == 5
+
+
+def test_vsam_skips_a_sam_step_whose_rho_is_invalid_and_counts_it():
+    """A SAM step (the warm-up) at an invalid ρ: zero update, PSF, weights and records kept,
+    not counted as a SAM step; ``num_skipped`` + 1."""
+    params = {"w": jnp.asarray(W, jnp.float32)}
+
+    def loss(p):
+        return jnp.sum(jnp.cos(p["w"]) + 0.5 * p["w"] ** 4)
+
+    opt = vsam(_bad_rho, warmup_steps=10, window=4, var_blocks=2)
+    state = opt.init(params)
+    grads = jax.grad(loss)(params)
+    step = jax.jit(lambda s: opt.update(grads, s, params, value_fn=loss))
+    kept = ("psf", "psf_weight", "reuse_count", "ratio_history", "psf_norm_history")
+    for count in range(6):
+        before = state
+        out, state = step(state)
+        if count in (2, 4):
+            np.testing.assert_array_equal(np.asarray(out["w"]), 0.0)
+            for name in (*kept, "var_history", "num_sam_steps"):
+                np.testing.assert_array_equal(
+                    np.asarray(jax.tree.leaves(getattr(state, name))[0]),
+                    np.asarray(jax.tree.leaves(getattr(before, name))[0]),
+                )
+            assert not bool(state.last_was_sam)
+        else:
+            w_adv = W + 0.05 * np.asarray(grads["w"]) / np.linalg.norm(np.asarray(grads["w"]))
+            want = -np.sin(w_adv) + 2 * w_adv**3
+            np.testing.assert_allclose(np.asarray(out["w"]), want, rtol=1e-5, atol=1e-6)
+    assert int(state.num_skipped) == 2 and int(state.num_sam_steps) == 4
+
+
+def test_a_static_rho_never_skips():
+    params = {"w": jnp.asarray(W, jnp.float32)}
+    opt = vsam(0.05, warmup_steps=2, window=4, var_blocks=2)
+    state = opt.init(params)
+    grads = {"w": jnp.ones(DIM)}
+    for _ in range(6):
+        _, state = opt.update(grads, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+    assert int(state.num_skipped) == 0
+
+
 def test_vsam_accepts_a_rho_schedule():
     params = {"w": jnp.asarray(W, jnp.float32)}
 

@@ -81,7 +81,10 @@ returned ``g_s`` is whatever the gradient is (NaN included), for the caller to s
 with ``optax.apply_if_finite`` around the base optimizer.
 
 ``rho`` may be a schedule ``count -> ρ`` (called with the number of steps taken before the
-current one, the Optax convention). ``update`` checks at trace time that the state was made
+current one, the Optax convention). A scheduled or injected ρ is checked at every step: a
+step at which it is not finite and ≥ 0 is skipped (zero update, records and ``loss`` kept;
+the subset's passes still run, no ``lax.cond`` around them) and counted in
+``state.num_skipped``. ``update`` checks at trace time that the state was made
 for this configuration (``num_examples`` entries in the record, the key's shape) and raises
 ``ValueError`` otherwise, e.g. for a checkpoint of ``ausam(100, ...)`` restored into
 ``ausam(200, ...)``.
@@ -208,6 +211,7 @@ from agsopt.sharpness._perturbation import (
     radius_at,
     sam_perturbation,
 )
+from agsopt.sharpness._sam import count_skip, radius_is_static, radius_is_valid
 from agsopt.tree_utils import key_for_state, split_state_key, statistics_dtype, tree_add_scaled
 
 PyTree = Any
@@ -242,6 +246,8 @@ class AUSAMState(NamedTuple):
       num_invalid_ids: int32 scalar, ids outside ``[0, num_examples)`` seen under ``jit``
         (saturates at the int32 maximum).
       loss: float scalar, mean unperturbed per-example loss over the last step's subset.
+      num_skipped: int32 scalar, steps skipped because a scheduled or injected ρ was not
+        finite and ≥ 0: zero update, records and ``loss`` kept (saturating).
     """
 
     count: jax.Array
@@ -250,6 +256,7 @@ class AUSAMState(NamedTuple):
     dlp_count: jax.Array
     num_invalid_ids: jax.Array
     loss: jax.Array
+    num_skipped: jax.Array
 
 
 def _saturating_add(counter: jax.Array, amount: jax.Array) -> jax.Array:
@@ -542,6 +549,7 @@ def ausam(
     if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     check_radius("rho", rho)
+    rho_static = radius_is_static(rho)
     validation.check_positive("f_min", f_min)
     validation.check_positive("f_max", f_max)
     if validation.is_concrete(f_min) and validation.is_concrete(f_max):
@@ -560,6 +568,7 @@ def ausam(
             dlp_count=jnp.zeros((num_examples,), jnp.int32),
             num_invalid_ids=jnp.zeros((), jnp.int32),
             loss=jnp.zeros((), dtype),
+            num_skipped=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(
@@ -621,6 +630,10 @@ def ausam(
             )
 
         sharp = mean_over_shards(sharp, axis_name)
+        rho_ok = jnp.asarray(True) if rho_static else radius_is_valid(rho_t)
+        if not rho_static:  # a skipped step: zero update, nothing recorded
+            sharp = jax.tree.map(lambda g: jnp.where(rho_ok, g, jnp.zeros_like(g)), sharp)
+            positions = jnp.where(rho_ok, positions, batch)
         num_invalid = jnp.sum(~valid).astype(jnp.int32)
         # the dataset ids of the evaluated positions; padding and invalid ids are not recorded
         taken = positions < batch
@@ -638,7 +651,8 @@ def ausam(
             dlp_sum=dlp_sum,
             dlp_count=dlp_count,
             num_invalid_ids=_saturating_add(state.num_invalid_ids, num_invalid),
-            loss=loss.astype(state.loss.dtype),
+            loss=jnp.where(rho_ok, loss.astype(state.loss.dtype), state.loss),
+            num_skipped=count_skip(state.num_skipped, rho_ok),
         )
         return sharp, new_state
 

@@ -153,6 +153,11 @@ floats), fixed at ``init``, so the reuse step ``g + r_w·psf`` is exact to the p
 precision; every state field keeps its dtype and shape across steps (``lax.scan`` carries
 it).
 
+A scheduled or injected ρ is checked at every step (as :func:`agsopt.sam` does): a SAM
+step at which it is not finite and ≥ 0 is skipped (zero update; PSF, reuse weight and
+records kept; not a SAM step in ``num_sam_steps``/``last_was_sam``) and counted in
+``num_skipped``; reuse steps do not use ρ.
+
 Non-finite values: on a SAM step whose ``g_s`` (or ratio) is not finite (the loss is
 NaN/inf at ``w + ε``), the update ``g_s`` is passed on as computed, for the caller to see
 (e.g. ``optax.apply_if_finite`` around the base optimizer), but neither the PSF nor the
@@ -194,6 +199,7 @@ from agsopt.sharpness._perturbation import (
     radius_at,
     sam_perturbation,
 )
+from agsopt.sharpness._sam import count_skip, radius_is_static, radius_is_valid
 from agsopt.tree_utils import (
     key_for_state,
     split_state_key,
@@ -244,6 +250,8 @@ class VSAMState(NamedTuple):
       psf_norm_history: [K], ``‖psf‖`` of the last K SAM steps, oldest first.
       var_history: [K], block variance of ``psf_norm_history`` at the last K SAM steps,
         oldest first.
+      num_skipped: SAM steps skipped because a scheduled or injected ρ was not finite and
+        ≥ 0 (int32, saturating): zero update, PSF, weights and records kept.
     """
 
     count: jax.Array
@@ -258,6 +266,7 @@ class VSAMState(NamedTuple):
     ratio_history: jax.Array
     psf_norm_history: jax.Array
     var_history: jax.Array
+    num_skipped: jax.Array
 
 
 def _float(x: Any) -> jax.Array:
@@ -648,6 +657,7 @@ def vsam(
     last_layer = _check_last_layer(last_layer)
     reuse_steps = validation.check_int("reuse_steps", reuse_steps, minimum=0)
     check_radius("rho", rho)
+    rho_static = radius_is_static(rho)
     validation.check_scalar("max_p", max_p)
     validation.check_fraction("max_p", max_p)
     if validation.is_concrete(max_p) and int(window * float(np.asarray(max_p))) < 1:
@@ -675,6 +685,7 @@ def vsam(
             ratio_history=zeros_k(),
             psf_norm_history=zeros_k(),
             var_history=zeros_k(),
+            num_skipped=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(
@@ -712,7 +723,9 @@ def vsam(
             ),
             lambda: (state.base_sr, state.schedule),
         )
-        is_sam = jnp.logical_or(in_warmup, schedule[pos])
+        due = jnp.logical_or(in_warmup, schedule[pos])  # the schedule's SAM step
+        rho_ok = jnp.asarray(True) if rho_static else radius_is_valid(rho_t)
+        is_sam = due & rho_ok  # at an invalid ρ the SAM step is skipped (below)
         grads = mean_over_shards(updates, axis_name)
         histories = (state.ratio_history, state.psf_norm_history, state.var_history)
 
@@ -745,6 +758,11 @@ def vsam(
         else:
             branches = choose_branch(is_sam, sam_branch, reuse_branch)
         out, psf, records, psf_weight, reuse_count = branches
+        skipped = due & ~rho_ok
+        if not rho_static:  # a skipped SAM step: zero update, the reuse state kept
+            out = jax.tree.map(lambda o: jnp.where(skipped, jnp.zeros_like(o), o), out)
+            psf_weight = jnp.where(skipped, state.psf_weight, psf_weight)
+            reuse_count = jnp.where(skipped, state.reuse_count, reuse_count)
         new_state = VSAMState(
             count=optax.safe_increment(state.count),
             key=next_key,
@@ -758,6 +776,7 @@ def vsam(
             ratio_history=records[0],
             psf_norm_history=records[1],
             var_history=records[2],
+            num_skipped=count_skip(state.num_skipped, ~skipped),
         )
         return out, new_state
 
