@@ -384,3 +384,26 @@ def test_tabulated_values_are_checked():
 if __name__ == "__main__":  # the bitwise comparisons, run by _run_without_fusion
     cases = SLOW_CASES if sys.argv[1:] == ["slow"] else CASES
     print(json.dumps({name: _differences(*case()) for name, case in cases.items()}))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: agsopt.ask_tell(optax.sgd(0.01), sigma=0.6, num_samples=4, key=0),
+        lambda: agsopt.dgs_ask_tell(0.5, key=0),
+    ],
+    ids=["ask_tell", "dgs_ask_tell"],
+)
+def test_asked_points_are_writable_copies(make):
+    """A simulator may edit its input in place (it got read-only views of JAX buffers)."""
+    opt = make()
+    x = np.full(3, 3.3, np.float32)
+    state = opt.init(x)
+    points, ticket = opt.ask(state, x)
+    again, _ = opt.ask(state, x)
+    assert points.flags.writeable
+    points -= 1.0  # edits the copy only: the next ask gives the same points as before
+    np.testing.assert_array_equal(again, points + 1.0)
+    values = np.sum((again - 1.0) ** 2, axis=-1)
+    updates, _ = opt.tell(ticket, values)
+    assert np.all(np.isfinite(np.asarray(updates)))

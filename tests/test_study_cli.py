@@ -189,6 +189,25 @@ def test_read_only_folder_one_line(tmp_path, monkeypatch, capsys):
     assert f"cannot write {target}: Permission denied" in line and "writable --out" in line
 
 
+def test_out_that_is_a_file_says_so(tmp_path, capsys):
+    """An existing file as --out was reported as a full disk."""
+    target = tmp_path / "afile"
+    target.write_text("not a folder")
+    assert _exit_code([*SMALL, "--out", str(target)]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"--out {target} is a file, not a folder" in line and "room on the disk" not in line
+
+
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [("isotropic,isotropic", "isotropic given more than once"), ("", "no rules given")],
+)
+def test_rules_refuses_repeated_or_no_rules(tmp_path, capsys, rules, match):
+    argv = ["rules", "--rules", rules, "--dim", "2", "--starts", "1", "--iterations", "2"]
+    assert _exit_code([*argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert match in capsys.readouterr().err
+
+
 FULL_DISK = """
 import resource, signal, sys
 from agsopt.study.cli import main

@@ -223,7 +223,7 @@ def ask_tell(
     def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
         check_ags_state(smoothing_state(state), params, rule, key_data.shape)
         batch, sigma_ok = points_of(state, params)
-        batch = jax.tree.map(np.asarray, batch)
+        batch = jax.tree.map(np.array, batch)  # writable copies: a simulator may edit them
         count = num_points
         if not bool(sigma_ok):  # the step is skipped: nothing to evaluate
             batch = jax.tree.map(lambda x: x[:0], batch)
@@ -281,7 +281,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
         own = own_state(state)
         check_state(own, params, key_data.shape)
-        batch = jax.tree.map(np.asarray, points_of(own, params))
+        batch = jax.tree.map(np.array, points_of(own, params))  # writable copies
         count = directional.evaluations_per_step(directions_of(own), num_nodes)
         return batch, Ticket(state, params, count)
 

@@ -22,6 +22,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from agsopt.smoothing.covariance_rules import RULES
 from agsopt.study import blackbox_cli
 from agsopt.study.config import KEY_IMPLS, MAX_SEED, PRESETS, StudyConfig
 from agsopt.study.output import (
@@ -162,13 +163,25 @@ def _parser() -> argparse.ArgumentParser:
         "--rules",
         type=_names,
         default=DEFAULT_RULES,
-        help="comma-separated rule names; the first is the baseline",
+        help=(
+            "comma-separated rule names, the first the baseline ("
+            + ", ".join(DEFAULT_RULES)
+            + "); all: "
+            + ", ".join(RULES)
+        ),
     )
-    rules.add_argument("--form", choices=("adam", "gd"), default="adam")
-    rules.add_argument("--functions", type=_names, default=RULE_FUNCTIONS)
-    rules.add_argument("--dim", type=int, default=100)
-    rules.add_argument("--starts", type=int, default=20)
-    rules.add_argument("--iterations", type=int, default=3000)
+    rules.add_argument(
+        "--form", choices=("adam", "gd"), default="adam", help="AGS's base optimizer (adam)"
+    )
+    rules.add_argument(
+        "--functions",
+        type=_names,
+        default=RULE_FUNCTIONS,
+        help=f"comma-separated test functions ({', '.join(RULE_FUNCTIONS)})",
+    )
+    rules.add_argument("--dim", type=int, default=100, help="dimension d (100)")
+    rules.add_argument("--starts", type=int, default=20, help="random starts (20)")
+    rules.add_argument("--iterations", type=int, default=3000, help="iterations (3000)")
     rules.add_argument("--seed", type=_seed, default=0, help="study seed, 0 <= seed < 2**32")
     _add_output_options(rules, "results/rules")
     prof = commands.add_parser(
@@ -249,9 +262,11 @@ def _run_in_folder(
     except OSError as error:
         target = error.filename or out
         kept = f"the {done} finished runs stay in {os.path.join(out, 'runs')}; " if done else ""
+        fix = "make room on the disk (or choose a writable --out)"
+        if os.path.exists(out) and not os.path.isdir(out):
+            fix = f"--out {out} is a file, not a folder: choose a folder"
         raise _WriteFailed(
-            f"cannot write {target}: {error.strerror or error}; {kept}make room on the disk "
-            f"(or choose a writable --out) and run again"
+            f"cannot write {target}: {error.strerror or error}; {kept}{fix} and run again"
             + (f": {_resume_command(argv)}" if done else "")
         ) from None
 

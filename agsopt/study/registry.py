@@ -456,9 +456,14 @@ def rule_registry(rules: Sequence[str], form: str = "adam") -> dict[str, Optimiz
     """
     if form not in ("gd", "adam"):
         raise ValueError(f"form must be 'gd' or 'adam', got {form!r}")
+    valid = ", ".join(covariance_rules.RULES)
+    if not rules:
+        raise ValueError(f"no rules given; valid names: {valid}")
+    repeated = sorted({rule for rule in rules if list(rules).count(rule) > 1})
+    if repeated:
+        raise ValueError(f"rules: {', '.join(repeated)} given more than once")
     for rule in rules:
         if rule not in covariance_rules.RULES:
-            valid = ", ".join(covariance_rules.RULES)
             raise ValueError(f"unknown covariance rule {rule!r}; valid names: {valid}")
     make = smoothed_gd_factory if form == "gd" else smoothed_adam_factory
     return {f"{form}:{rule}": make(rule, f"{form}:{rule}") for rule in rules}
