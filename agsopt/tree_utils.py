@@ -36,8 +36,9 @@ __all__ = [
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype reductions over leaves of ``dtype`` are carried out in (≥ float32)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype reductions over leaves of ``dtype`` are carried out in (≥ float32; a NumPy
+    float64 without x64 is float32, as JAX would make it, without its truncation warning)."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def statistics_dtype(params: PyTree) -> jnp.dtype:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agsopt.study.blackbox import ASGF_REFERENCE, run_blackbox, skipped_methods
-from agsopt.study.blackbox_methods import DEFAULT_METHODS
+from agsopt.study.blackbox_methods import DEFAULT_METHODS, resolve_methods
 
 from . import common
 
@@ -293,27 +293,46 @@ def run(quick: bool) -> dict[str, Any]:
 
 def _rows(text: str) -> tuple[tuple[str, int], ...]:
     rows = []
+    valid = ", ".join(f"{f}:{d}" for f, d in ROWS)
     for part in text.split(","):
         function, _, dim = part.strip().partition(":")
-        if (function, int(dim or 0)) not in ASGF_REFERENCE:
-            raise argparse.ArgumentTypeError(
-                f"{part!r} is not a row of the benchmark: {', '.join(f'{f}:{d}' for f, d in ROWS)}"
-            )
+        if not dim.isdigit() or (function, int(dim)) not in ASGF_REFERENCE:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a row of the benchmark: {valid}")
         rows.append((function, int(dim)))
     return tuple(rows)
+
+
+def _starts(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"starts must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    try:
+        resolve_methods(names)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """A part of the full benchmark (some rows, fewer starts), into a git-ignored folder."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.blackbox", description=__doc__)
     parser.add_argument("--rows", type=_rows, default=ROWS, help="e.g. sphere:10,ackley:10")
-    parser.add_argument("--starts", type=int, default=STARTS)
-    parser.add_argument("--methods", default=",".join(methods()))
+    parser.add_argument("--starts", type=_starts, default=STARTS, help=f"random starts ({STARTS})")
+    parser.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(methods()),
+        help="comma-separated method names (default: all that are installed)",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "benchmarks"
     )
     args = parser.parse_args(argv)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = args.methods
     budgets = {r: budget_for(*r) for r in args.rows}
     env = common.environment()
     start = time.perf_counter()

@@ -407,3 +407,20 @@ def test_asked_points_are_writable_copies(make):
     values = np.sum((again - 1.0) ** 2, axis=-1)
     updates, _ = opt.tell(ticket, values)
     assert np.all(np.isfinite(np.asarray(updates)))
+
+
+def test_numpy_float64_params_give_no_truncation_warning():
+    """NumPy's default float64 params (x64 off) ran as float32 but warned from inside
+    agsopt, in init and in tell; optax's own init does not warn."""
+    import warnings
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 mode keeps float64")
+    opt = agsopt.ask_tell(optax.sgd(0.01), sigma=0.6, num_samples=4, key=0)
+    x = np.full(5, 3.3)  # float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = opt.init(x)
+        points, ticket = opt.ask(state, x)
+        updates, _ = opt.tell(ticket, np.sum(points**2, axis=-1))
+    assert updates.dtype == jnp.float32

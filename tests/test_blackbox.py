@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from typing import NamedTuple
 
 import jax
@@ -314,10 +315,23 @@ def test_evosax_cma_es_counts_its_population():
 
 
 def without(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
-    )
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ModuleNotFoundError
+
+
+def test_a_peer_that_fails_to_import_is_skipped_up_front(monkeypatch):
+    """Installed but broken (find_spec succeeds, import fails): skipped with the reason,
+    before any method runs (it used to end the run after the others, writing nothing)."""
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "cma":
+            raise ImportError("numpy ABI mismatch")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    reason = bm.METHODS["cma-es"].unavailable()
+    assert "fails to import (ImportError: numpy ABI mismatch)" in reason
+    assert bb.skipped_methods(["gd", "cma-es"]).keys() == {"cma-es"}
 
 
 def test_missing_peer_is_skipped_with_a_note(monkeypatch, tmp_path, capsys):

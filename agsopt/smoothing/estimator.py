@@ -200,7 +200,11 @@ def evaluations_per_estimate(method: str, num_samples: int) -> int:
 
 
 def _noise_dtype(params: PyTree) -> jnp.dtype:
-    return jnp.result_type(jnp.float32, *[x.dtype for x in jax.tree.leaves(params)])
+    """The directions' dtype: the parameters' float dtypes promoted with float32."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(params):
+        dtype = accumulation_dtype(jnp.promote_types(dtype, jnp.result_type(leaf)))
+    return dtype
 
 
 def default_chunk_size(

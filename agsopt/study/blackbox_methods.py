@@ -26,7 +26,7 @@ box (``w = upper − lower``) and the dimension only. Adding a method is one ent
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -116,20 +116,26 @@ class Method:
             raise ValueError(f"method {self.name!r}: an external runner cannot take gradients")
 
     def unavailable(self) -> str | None:
-        """None if the method can run here, else why not (its optional module is missing)."""
+        """None if the method can run here, else why not: its optional module is missing or
+        fails to import (it is imported here, so a broken install is skipped up front
+        instead of ending the run after the other methods)."""
         if self.requires is None:
             return None
         try:
-            found = importlib.util.find_spec(self.requires) is not None
-        except ModuleNotFoundError:  # the parent package of a submodule is missing
-            found = False
-        if found:
+            importlib.import_module(self.requires)
+        except Exception as error:  # noqa: BLE001 - any import failure makes it unusable
+            problem = (
+                "is not installed"
+                if isinstance(error, ModuleNotFoundError)
+                else f"fails to import ({type(error).__name__}: {error})"
+            )
+        else:
             return None
         hint = f"pip install -U {self.requires.split('.')[0]}"
         if self.extra is not None:
             hint = f'pip install "agsopt[{self.extra}]" or {hint}'
         return (
-            f"{self.name} needs the optional module {self.requires!r}, which is not installed "
+            f"{self.name} needs the optional module {self.requires!r}, which {problem} "
             f"({hint}); skipped"
         )
 
