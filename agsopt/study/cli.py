@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run every optimizer on every function from the same random starts; write each "
             "finished run to --out/runs/, then results.csv, summary.csv, results.json, "
-            "final.md and study_*.png to --out. Options override the chosen --preset."
+            "final.md, study.json (the settings) and study_*.png to --out. Options "
+            "override the chosen --preset."
         ),
     )
     run.add_argument(
@@ -140,11 +141,11 @@ def _parser() -> argparse.ArgumentParser:
         "from its box, not tuned)",
     )
     run.add_argument("--optimizers", type=_names, help="comma-separated optimizer names")
-    run.add_argument("--dim", type=int, help="dimension d")
-    run.add_argument("--starts", type=int, help="random starts per function")
-    run.add_argument("--iterations", type=int, help="optimizer steps")
-    run.add_argument("--seed", type=_seed, help="study seed, 0 <= seed < 2**32")
-    run.add_argument("--record-every", type=int, help="record every this many steps")
+    run.add_argument("--dim", type=int, help="dimension d (preset: 10 or 100)")
+    run.add_argument("--starts", type=int, help="random starts per function (preset: 10 or 20)")
+    run.add_argument("--iterations", type=int, help="optimizer steps (preset: 1000 or 3000)")
+    run.add_argument("--seed", type=_seed, help="study seed, 0 <= seed < 2**32 (0)")
+    run.add_argument("--record-every", type=int, help="record every this many steps (the preset's)")
     run.add_argument("--key-impl", choices=KEY_IMPLS, help="PRNG implementation (threefry2x32)")
     _add_output_options(run, "results/<preset>, results/study for the default preset")
     run.add_argument(
@@ -187,11 +188,16 @@ def _parser() -> argparse.ArgumentParser:
     prof = commands.add_parser(
         "profile",
         help="time one AGS-GD step against its function evaluations and random numbers",
+        description=(
+            "Time one jitted AGS-GD step (vmapped over the starts) against its parts, the "
+            "function evaluations alone and the random directions alone, for each PRNG "
+            "implementation, and print the table: is a step limited by f or by the draws?"
+        ),
     )
-    prof.add_argument("--function", default="rastrigin")
-    prof.add_argument("--dim", type=int, default=100)
-    prof.add_argument("--num-samples", type=int, default=128)
-    prof.add_argument("--starts", type=int, default=20)
+    prof.add_argument("--function", default="rastrigin", help="test function (rastrigin)")
+    prof.add_argument("--dim", type=int, default=100, help="dimension d (100)")
+    prof.add_argument("--num-samples", type=int, default=128, help="directions N per step (128)")
+    prof.add_argument("--starts", type=int, default=20, help="starts vmapped together (20)")
     blackbox_cli.add_parser(commands)  # python -m agsopt blackbox (agsopt/study/blackbox_cli.py)
     return parser
 
