@@ -283,7 +283,7 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="unknown method"):
         bb.run_blackbox(["sphere"], 2, 2, 10, methods=["nope"])
     with pytest.raises(ValueError, match="no known minimum"):
-        bb.run_blackbox(["michalewicz"], 3, 2, 10, methods=["gd"])
+        bb.run_blackbox(["michalewicz"], 11, 2, 10, methods=["gd"])
     with pytest.raises(ValueError, match="exactly one"):
         bm.Method("x", "", library=True)
 

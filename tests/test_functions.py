@@ -178,7 +178,7 @@ def random_points(name, d, n, seed=0):
 
 
 MINIMIZER_CASES = [(name, d) for name in ALL_NAMES if name != "michalewicz" for d in (1, 2, 7)]
-MINIMIZER_CASES += [("michalewicz", d) for d in (2, 5, 10)]
+MINIMIZER_CASES += [("michalewicz", d) for d in (1, 2, 3, 5, 7, 10)]
 
 
 @pytest.mark.parametrize(("name", "d"), MINIMIZER_CASES)
@@ -225,9 +225,22 @@ def test_literature_constants():
         assert abs(eval64(schwefel, np.full(d, 420.9687))) < 1e-4 * d
     for d, literature in [(2, -1.8013), (5, -4.687658), (10, -9.66015)]:
         assert abs(mich.minimum(d) - literature) < 1e-4
-    for d in (1, 3, 4, 7, 20):
+    for d in (11, 20):  # beyond the tabulated coordinates: unknown
         assert mich.minimum(d) is None
         assert mich.minimizer(d) is None
+
+
+def test_michalewicz_coordinate_minimizers_beat_a_fine_grid():
+    """f is separable: each tabulated coordinate must be the global minimizer of its term
+    −sin(t) sin^20(i t²/π) on [0, π], so the sums are the minima for every d ≤ 10."""
+    mich = F.get("michalewicz")
+    grid = np.linspace(0.0, math.pi, 400_001)
+    x_star = mich.minimizer(10)
+    for i in range(1, 11):
+        term = lambda t, i=i: -np.sin(t) * np.sin(i * t * t / math.pi) ** 20
+        assert term(x_star[i - 1]) <= term(grid).min() + 1e-12, i
+        d_minimum = mich.minimum(i) - (mich.minimum(i - 1) if i > 1 else 0.0)
+        assert d_minimum == pytest.approx(term(x_star[i - 1]), abs=1e-15)
     # d = 2 minimizer as usually quoted: (2.20, 1.57)
     np.testing.assert_allclose(mich.minimizer(2), [2.20, 1.57], atol=5e-3)
 
@@ -469,10 +482,10 @@ def test_rotated_gradient_vanishes_at_minimizer(name):
 
 
 def test_rotated_with_unknown_minimizer_pivots_on_box_centre():
-    g = F.rotated("michalewicz", 3, seed=0)
-    assert g.minimizer(3) is None and g.minimum(3) is None
-    x = np.array([1.0, 2.0, 0.5])
-    c = np.full(3, math.pi / 2)
+    g = F.rotated("michalewicz", 11, seed=0)  # d > 10: no tabulated minimizer
+    assert g.minimizer(11) is None and g.minimum(11) is None
+    x = np.linspace(0.5, 2.5, 11)
+    c = np.full(11, math.pi / 2)
     expected = np_michalewicz(g.rotation @ (x - g.offset) + c)
     assert eval64(g, x) == pytest.approx(expected, rel=1e-12)
 
