@@ -390,3 +390,28 @@ def test_registry_defaults_are_library_presets():
     assert bm.DEFAULT_METHODS and all(bm.METHODS[m].library for m in bm.DEFAULT_METHODS)
     assert not any(bm.METHODS[m].library for m in ("gd", "adam", "cma-es", "cma-es-evosax"))
     assert bm.METHODS["gd"].gradient and bm.METHODS["adam"].gradient
+
+
+def test_cli_takes_your_own_function_as_module_attribute(tmp_path, monkeypatch, capsys):
+    """As ``study`` does: ``--functions module:attribute`` names a TestFunction (it was
+    "unknown test function"); an unknown name fails before anything runs."""
+    (tmp_path / "my_functions.py").write_text(
+        "import jax.numpy as jnp\n"
+        "from agsopt.functions import TestFunction\n"
+        "shifted = TestFunction('shifted', lambda x: jnp.sum((x - 1.0) ** 2), (-5.0, 5.0),\n"
+        "                       lambda d: jnp.ones(d), lambda d: 0.0, 'a shifted sphere')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "bb"
+    argv = ["blackbox", "--functions", "my_functions:shifted", "--dim", "2", "--starts", "2"]
+    assert (
+        main([*argv, "--budget", "500", "--methods", "dgs", "--out", str(out), "--no-plots"]) == 0
+    )
+    (record,) = json.loads((out / "blackbox.json").read_text())
+    assert record["function"] == "shifted" and record["success_rate"] == 1.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["blackbox", "--functions", "nosuch", "--out", str(tmp_path / "x"), "--no-plots"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "unknown test function 'nosuch'" in captured.err and "protocol" not in captured.out

@@ -46,6 +46,7 @@ import optax
 
 from agsopt import functions as fns
 from agsopt.study.blackbox_methods import Method, resolve_methods
+from agsopt.study.registry import resolve_function
 from agsopt.study.runner import noise_keys, starts_key
 
 __all__ = [
@@ -576,8 +577,9 @@ def run_blackbox(
     """Run the protocol (module doc) for every function × method; return the records.
 
     Args:
-      functions: test-function names (``agsopt.functions.names()``, ``rotated_*`` included)
-        or :class:`~agsopt.functions.TestFunction` objects with a known minimum at ``dim``.
+      functions: test-function names (``agsopt.functions.names()``, ``rotated_*`` included),
+        ``"module:attribute"`` references to your own, or
+        :class:`~agsopt.functions.TestFunction` objects, with a known minimum at ``dim``.
       dim: the dimension d.
       starts: random starts per function (the same for every method).
       budget: the most evaluations a start may spend.
@@ -601,7 +603,7 @@ def run_blackbox(
     """
     if isinstance(functions, str | fns.TestFunction):
         functions = [functions]
-    resolved_functions = [fns.get(f, dim=dim) if isinstance(f, str) else f for f in functions]
+    resolved_functions = [resolve_function(f, dim) if isinstance(f, str) else f for f in functions]
     if not resolved_functions:
         raise ValueError("functions is empty")
     for function in resolved_functions:

@@ -51,7 +51,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--functions",
         type=_names,
         default=("sphere", "ackley", "levy", "rastrigin"),
-        help="comma-separated test-function names (sphere,ackley,levy,rastrigin)",
+        help="comma-separated test-function names (sphere,ackley,levy,rastrigin), or "
+        "module:attribute for your own agsopt.functions.TestFunction with a known minimum",
     )
     parser.add_argument("--dim", type=_positive, default=10, help="dimension d (10)")
     parser.add_argument("--starts", type=_positive, default=20, help="random starts (20)")
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from agsopt.study.blackbox_methods import METHODS
     from agsopt.study.blackbox_output import write_blackbox
     from agsopt.study.plotting import require_matplotlib
+    from agsopt.study.registry import resolve_function
 
     if args.list:
         for name, method in METHODS.items():
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m for m in (args.methods or _default()) if m not in skipped]
     if not methods:
         raise ValueError("no method can run: " + "; ".join(skipped.values()))
+    functions = [resolve_function(name, args.dim) for name in args.functions]  # errors first
     print(
         f"black-box protocol: d = {args.dim}, {args.starts} starts, budget {budget} "
         f"evaluations, seed {args.seed}"
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     records = run_blackbox(
-        args.functions, args.dim, args.starts, budget, methods, args.seed, on_record=report
+        functions, args.dim, args.starts, budget, methods, args.seed, on_record=report
     )
     notes = [f"Skipped: {reason}" for reason in skipped.values()]
     paths = write_blackbox(records, args.out, plots=not args.no_plots, notes=notes)
