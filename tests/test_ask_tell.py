@@ -424,3 +424,13 @@ def test_numpy_float64_params_give_no_truncation_warning():
         points, ticket = opt.ask(state, x)
         updates, _ = opt.tell(ticket, np.sum(points**2, axis=-1))
     assert updates.dtype == jnp.float32
+
+
+def test_none_for_a_failed_evaluation_points_to_nan():
+    opt = agsopt.ask_tell(optax.sgd(0.01), sigma=0.6, num_samples=2, key=0)
+    x = np.full(3, 3.3, np.float32)
+    points, ticket = opt.ask(opt.init(x), x)
+    values = [float(np.sum(p**2)) for p in points]
+    values[0] = None
+    with pytest.raises(TypeError, match="a failed evaluation is NaN, not None"):
+        opt.tell(ticket, values)

@@ -98,9 +98,14 @@ def _check_values(values: Any, num_points: int) -> np.ndarray:
     if array.dtype == np.bool_ or not (
         np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     ):
+        hint = (
+            " (a failed evaluation is NaN, not None: it is left out and counted)"
+            if array.dtype == object
+            else ""
+        )
         raise TypeError(
             f"agsopt.ask_tell: values must be real numbers, one per point of ask; got dtype "
-            f"{array.dtype}"
+            f"{array.dtype}{hint}"
         )
     if array.shape != (num_points,):
         raise ValueError(
