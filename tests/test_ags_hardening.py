@@ -515,3 +515,34 @@ def test_sharded_eager_call_with_indivisible_samples_names_num_samples():
     assert divisible[:2] == ["8", "eager"] and float(divisible[2]) < 1e-5
     assert indivisible.startswith("7 error agsopt.ags: sample_sharding")
     assert "num_samples=7" in indivisible
+
+
+def test_eager_update_with_a_sigma_schedule_compiles_no_cond(monkeypatch):
+    """Outside jit a σ schedule's validity is concrete: the step picks its branch in Python
+    (an eager lax.cond recompiled the estimator at every call, ≈ 1.5 s a step), with the
+    jitted trajectory's results, the skipped step at σ = 0 included."""
+    schedule = optax.linear_schedule(0.0, 0.5, 3)  # σ = 0 at count 0: that step is skipped
+    opt = agsopt.ags(schedule, 4, key=2)
+    params = {"a": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray(0.3)}
+
+    def loss(p):
+        return jnp.sum(jnp.cos(p["a"]) * p["a"] ** 2) + p["b"] ** 2
+
+    def run(update):
+        state, out = opt.init(params), []
+        for _ in range(4):
+            updates, state = update(state)
+            out.append(updates)
+        return out, state
+
+    jitted = run(jax.jit(lambda s: opt.update(params, s, params, value_fn=loss)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lax.cond called eagerly")
+
+    monkeypatch.setattr(jax.lax, "cond", refuse)
+    eager = run(lambda s: opt.update(params, s, params, value_fn=loss))
+    for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        assert jnp.result_type(x) == jnp.result_type(y)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-6)
+    assert int(eager[1].num_skipped) == 1

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agsopt._control_flow import choose_branch
+
 PyTree = Any
 
 __all__ = ["check_phase_hint", "choose_branch", "run_hinted_branch"]
@@ -43,16 +45,6 @@ def check_phase_hint(name: str, hint: Any, owner: str) -> bool | None:
         f"program is compiled, e.g. a static_argnames argument of jax.jit), got "
         f"{type(hint).__name__}"
     )
-
-
-def choose_branch(
-    pred: Any, true_fn: Callable[..., PyTree], false_fn: Callable[..., PyTree], *operands: Any
-) -> PyTree:
-    """``jax.lax.cond(pred, true_fn, false_fn, *operands)``, with the branch picked in Python
-    when ``pred`` is concrete (no trace: an eager call), so nothing is compiled there."""
-    if isinstance(pred, jax.core.Tracer):
-        return jax.lax.cond(pred, true_fn, false_fn, *operands)
-    return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
 def run_hinted_branch(

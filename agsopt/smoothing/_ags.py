@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
+from agsopt._control_flow import choose_branch
 from agsopt.masking import check_masked_value_fn
 from agsopt.smoothing import estimator
 from agsopt.smoothing.covariance import map_with_prefix
@@ -313,7 +314,7 @@ def ags(
         else:  # a schedule or an injected σ: nothing is evaluated at an invalid one
             sigma_ok = _sigma_is_valid(sigma_now)
             skipped = _skipped_estimate(jax.eval_shape(run_estimate))
-            estimate = jax.lax.cond(sigma_ok, run_estimate, lambda: skipped)
+            estimate = choose_branch(sigma_ok, run_estimate, lambda: skipped)
         applied = sigma_ok & (estimate.num_nonfinite < num_samples) & tree_all_finite(estimate.grad)
         grad = jax.tree.map(lambda g: jnp.where(applied, g, jnp.zeros_like(g)), estimate.grad)
         if rule.needs_curvature:  # NaN curvature (< 2 finite samples): state dropped below
