@@ -93,7 +93,7 @@ def check_fraction(name: str, value: Any) -> None:
 
 def check_decay(name: str, value: Any) -> None:
     """A concrete ``value`` (a moment decay, a momentum) lies in [0, 1)."""
-    for leaf in _concrete_leaves(value):
+    for leaf in _real_leaves(name, value):
         if not np.all((leaf >= 0) & (leaf < 1)):
             raise ValueError(f"{name} must lie in [0, 1), got {leaf}")
 

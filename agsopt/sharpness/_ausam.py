@@ -203,7 +203,8 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._hinted import check_phase_hint, choose_branch, run_hinted_branch
+from agsopt._control_flow import choose_branch
+from agsopt.sharpness._hinted import check_phase_hint, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_radius,

@@ -13,7 +13,8 @@ unconditionally and, when the state says the other branch is due (a wrong hint),
 that one too, inside a ``lax.cond`` that is skipped when the hint is right, and returns it.
 
 Outside any trace (``update`` called eagerly, e.g. in a debugging loop) the state is
-concrete, and :func:`choose_branch` and :func:`run_hinted_branch` pick the branch in Python:
+concrete, and :func:`run_hinted_branch` (like :func:`agsopt._control_flow.choose_branch`
+for the plain choice) picks the branch in Python:
 a ``lax.cond`` called eagerly traces and compiles both branches anew at every call (≈ 0.5 s
 a step for vSAM and AUSAM on a small model, against a few ms for SAM).
 """
@@ -27,11 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agsopt._control_flow import choose_branch
-
 PyTree = Any
 
-__all__ = ["check_phase_hint", "choose_branch", "run_hinted_branch"]
+__all__ = ["check_phase_hint", "run_hinted_branch"]
 
 
 def check_phase_hint(name: str, hint: Any, owner: str) -> bool | None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from agsopt import _validation as validation
-from agsopt.sharpness._hinted import choose_branch
+from agsopt._control_flow import choose_branch
 from agsopt.sharpness._perturbation import (
     Mask,
     Radius,

@@ -188,8 +188,9 @@ import numpy as np
 import optax
 
 from agsopt import _validation as validation
+from agsopt._control_flow import choose_branch
 from agsopt.sharpness._ausam import _saturating_add
-from agsopt.sharpness._hinted import check_phase_hint, choose_branch, run_hinted_branch
+from agsopt.sharpness._hinted import check_phase_hint, run_hinted_branch
 from agsopt.sharpness._perturbation import (
     Radius,
     check_gradient_call,

@@ -24,7 +24,6 @@ few per cent elsewhere.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -42,9 +41,8 @@ from agsopt.smoothing.directional import (
     _check_num_nodes,
     _flatten,
     directional_basis,
-    directional_value_and_grad,
+    directional_estimate,
 )
-from agsopt.smoothing.estimator import TabulatedValues
 from agsopt.tree_utils import key_for_state, split_state_key, tree_size, tree_unflatten_vector
 
 __all__ = ["DGSState", "dgs", "dgs_blackbox"]
@@ -263,8 +261,6 @@ def dgs(
         value_fn = validation.require_value_fn(value_fn, "agsopt.dgs")
         check_masked_value_fn(value_fn, params, "agsopt.dgs")
         check_state(state, params, key_data.shape)
-        if not isinstance(inspect.unwrap(value_fn), TabulatedValues):
-            validation.check_scalar_output(value_fn, params, "agsopt.dgs", "value_fn")
         dim = state.direction.shape[0]
         k = dim if num_directions is None else num_directions
         dtype = state.direction.dtype
@@ -273,8 +269,15 @@ def dgs(
         s_max = s0 * 1e3 if max_radius is None else max_radius
         tol = s0 * 1e-7 if tolerance is None else tolerance
         next_key, basis, directions, per_direction = step_directions(state, k, key_impl)
-        est = directional_value_and_grad(
-            value_fn, params, directions, per_direction, num_nodes=num_nodes, chunk_size=chunk_size
+        est = directional_estimate(
+            value_fn,
+            params,
+            directions,
+            per_direction,
+            num_nodes=num_nodes,
+            chunk_size=chunk_size,
+            owner="agsopt.dgs",
+            fun_name="value_fn",
         )
         # The gradient in the scaled coordinates y = x / a.
         grad_flat = jnp.matmul(est.derivatives, basis, precision=jax.lax.Precision.HIGHEST)

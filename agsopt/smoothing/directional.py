@@ -192,13 +192,14 @@ def _check_inputs(
     directions: Any,
     radii: Any,
     chunk_size: int | None,
+    owner: str,
+    fun_name: str,
 ) -> jax.Array:
-    """The argument checks of :func:`directional_value_and_grad` (errors name the argument);
-    returns ``directions`` as a JAX array."""
-    owner = "agsopt.directional_value_and_grad"
+    """The argument checks of :func:`directional_value_and_grad` (errors name the argument
+    and ``owner``, the caller); returns ``directions`` as a JAX array."""
     validation.check_float_params(params, owner)
     if not isinstance(inspect.unwrap(fn), TabulatedValues):
-        validation.check_scalar_output(fn, params, owner, "fn")
+        validation.check_scalar_output(fn, params, owner, fun_name)
     directions = jnp.asarray(directions)
     if directions.ndim != 2:
         raise ValueError(f"directions must be a (k, d) array, got shape {directions.shape}")
@@ -235,8 +236,32 @@ def directional_value_and_grad(
     Returns:
       A :class:`DirectionalEstimate` (see the module doc for the formulas).
     """
+    return directional_estimate(
+        fn,
+        params,
+        directions,
+        radii,
+        num_nodes=num_nodes,
+        chunk_size=chunk_size,
+        owner="agsopt.directional_value_and_grad",
+        fun_name="fn",
+    )
+
+
+def directional_estimate(
+    fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    directions: jax.Array,
+    radii: jax.Array | float,
+    *,
+    num_nodes: int = 5,
+    chunk_size: int | None = None,
+    owner: str,
+    fun_name: str,
+) -> DirectionalEstimate:
+    """:func:`directional_value_and_grad`, with the caller's names in its error messages."""
     num_nodes = _check_num_nodes(num_nodes)
-    directions = _check_inputs(fn, params, directions, radii, chunk_size)
+    directions = _check_inputs(fn, params, directions, radii, chunk_size, owner, fun_name)
     x = _flatten(params)
     k, dim = directions.shape
     if dim != x.shape[0]:

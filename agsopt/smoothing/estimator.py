@@ -100,7 +100,13 @@ import jax.numpy as jnp
 from agsopt import _validation as validation
 from agsopt.smoothing.covariance import SmoothingMatrix
 from agsopt.smoothing.directions import check_noise_table, sample_directions
-from agsopt.tree_utils import accumulation_dtype, as_key, tree_size, tree_unflatten_vector
+from agsopt.tree_utils import (
+    accumulation_dtype,
+    as_key,
+    statistics_dtype,
+    tree_size,
+    tree_unflatten_vector,
+)
 
 PyTree = Any
 
@@ -201,10 +207,7 @@ def evaluations_per_estimate(method: str, num_samples: int) -> int:
 
 def _noise_dtype(params: PyTree) -> jnp.dtype:
     """The directions' dtype: the parameters' float dtypes promoted with float32."""
-    dtype = jnp.dtype(jnp.float32)
-    for leaf in jax.tree.leaves(params):
-        dtype = accumulation_dtype(jnp.promote_types(dtype, jnp.result_type(leaf)))
-    return dtype
+    return statistics_dtype(params)
 
 
 def default_chunk_size(
