@@ -102,6 +102,32 @@ def test_coordinate_curvature_is_exact_for_a_diagonal_hessian():
     assert np.isnan(adaptation.coordinate_curvature(basis, est.curvatures.at[1].set(jnp.nan))).all()
 
 
+def ill_conditioned_basis(dim: int = 8, draws: int = 1000) -> np.ndarray:
+    """The random orthonormal basis (of ``draws``, seeded) whose W = ξ∘ξ is the worst
+    conditioned: cond(W) ≈ 1.5e4, cond(W)² beyond float32's 1/ε."""
+    rng = np.random.default_rng(0)
+    bases = [np.linalg.qr(rng.normal(size=(dim, dim)))[0] for _ in range(draws)]
+    return max(bases, key=lambda q: np.linalg.cond(q * q))
+
+
+def test_coordinate_curvature_is_accurate_where_the_fit_is_ill_conditioned():
+    """float32 fit = the float64 ridge solution Wᵀ(WWᵀ + λI)⁻¹C to ε·cond(W), not to
+    ε·cond(W)² (forming WWᵀ in float32: jit and eager then disagreed by 2e-4 relative)."""
+    basis = ill_conditioned_basis()
+    cond = np.linalg.cond(basis * basis)
+    assert cond**2 * np.finfo(np.float32).eps > 1.0  # the case the SVD is there for
+    c = np.random.default_rng(1).normal(size=basis.shape[0])
+    w = basis * basis
+    gram = w @ w.T
+    lam = 1e-6 * np.trace(gram) / basis.shape[1]
+    reference = np.linalg.solve(gram + lam * np.eye(len(gram)), c) @ w
+    fitted = adaptation.coordinate_curvature(jnp.asarray(basis, jnp.float32), jnp.asarray(c))
+    bound = 4 * np.finfo(np.float32).eps * cond * np.max(np.abs(reference))
+    np.testing.assert_allclose(fitted, reference, rtol=0, atol=bound)
+    jitted = jax.jit(adaptation.coordinate_curvature)(jnp.asarray(basis, jnp.float32), c)
+    np.testing.assert_allclose(jitted, reference, rtol=0, atol=bound)
+
+
 def test_diagonal_fit_tells_a_diagonal_hessian_from_a_rotated_one():
     """R² = 1 when a diagonal h predicts fresh directions' curvatures, near 0 for a rotated
     ill-conditioned Hessian (h fitted on one basis, tested on another)."""

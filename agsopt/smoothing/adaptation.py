@@ -149,20 +149,24 @@ def coordinate_curvature(basis: jax.Array, curvatures: jax.Array, ridge: float =
     ``C_i = ξ_iᵀHξ_i`` along the orthonormal rows ξ_i of ``basis`` (k × d).
 
     The model of a diagonal H, ``C_i = Σ_j ξ_ij² h_j``, i.e. ``C = W h`` with
-    ``W_ij = ξ_ij²``, solved in ridge least squares in its dual form
-    ``h = Wᵀ (W Wᵀ + λI)⁻¹ C`` (a k × k system: memory O(k·d), as the basis;
-    ``λ = ridge·‖W‖²_F / d``). Exact for a diagonal H and a full basis, up to rounding
-    relative to the largest h_j; with k < d the minimum-norm fit. NaN where a C_i is not
-    finite."""
+    ``W_ij = ξ_ij²``, solved in ridge least squares,
+    ``h = argmin ‖W h − C‖² + λ‖h‖² = Wᵀ (W Wᵀ + λI)⁻¹ C`` with
+    ``λ = ridge·‖W‖²_F / d``, computed from the thin SVD ``W = U S Vᵀ`` as
+    ``h = V diag(s / (s² + λ)) Uᵀ C`` (memory O(k·d), as the basis). The SVD keeps the
+    rounding error at ``ε·cond(W)`` where forming ``W Wᵀ`` squares the condition number:
+    W of a random orthonormal basis is ill-conditioned (cond(W) ≈ 20 at d = 8, ≈ 2000 at
+    d = 100, with a heavy tail), so ``cond(W)²`` exceeds float32's 1/ε. Exact for a
+    diagonal H and a full basis, up to that rounding; with k < d the minimum-norm fit. NaN
+    where a C_i is not finite."""
     weights = basis * basis
     dim = basis.shape[1]
     finite = jnp.all(jnp.isfinite(curvatures))
     c = jnp.where(jnp.isfinite(curvatures), curvatures, 0.0)
     hp = jax.lax.Precision.HIGHEST
-    gram = jnp.matmul(weights, weights.T, precision=hp)
-    lam = ridge * jnp.trace(gram) / dim
-    dual = jnp.linalg.solve(gram + lam * jnp.eye(gram.shape[0], dtype=gram.dtype), c)
-    estimate = jnp.matmul(dual, weights, precision=hp)
+    left, singular, right = jnp.linalg.svd(weights, full_matrices=False)
+    lam = ridge * jnp.sum(singular**2) / dim
+    filtered = singular / (singular**2 + lam) * jnp.matmul(c, left, precision=hp)
+    estimate = jnp.matmul(filtered, right, precision=hp)
     return jnp.where(finite, estimate, jnp.nan)
 
 
