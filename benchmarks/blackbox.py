@@ -46,6 +46,7 @@ STARTS = 20
 BUDGET_FACTOR = 2
 PEERS = (
     "dgs-isotropic",
+    "dgs-asgf",
     "dgs-lipschitz",
     "igs-adam",
     "ags-adam",
@@ -171,8 +172,7 @@ def report(
     )
     extra_tables, extra_targets = [], []
     if anisotropy:
-        table, extra_targets = anisotropy_table(anisotropy)
-        extra_tables.append(table)
+        extra_tables, extra_targets = anisotropy_table(anisotropy)
     return common.make_report(
         name,
         "Black-box benchmark (ASGF protocol)",
@@ -224,33 +224,45 @@ ANISOTROPY_ROWS: tuple[tuple[str, int], ...] = tuple(
 """Issue 17's anisotropy comparison: the anisotropic and the one-radius preset on the same
 starts, rugged, rotated and ill-conditioned functions included (d = 10)."""
 ANISOTROPY_BUDGET = 300_000
-ANISOTROPY_METHODS = ("dgs", "dgs-isotropic")
+ANISOTROPY_METHODS = ("dgs", "dgs-isotropic", "dgs-asgf")
 
 
-def anisotropy_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict]]:
-    """Anisotropic over isotropic mean evaluations per function, and issue 17's targets:
-    ≤ 0.8× on at least two functions, never > 1.25× (a lower success rate counts as a loss)."""
+def _comparison(
+    records: list[dict[str, Any]], method: str, baseline: str, labels: tuple[str, str]
+) -> tuple[list[dict[str, Any]], list[tuple[float | None, bool]]]:
+    """Per function of the suite: ``method``'s and ``baseline``'s success rate and mean
+    evaluations, their ratio (None where either never succeeded) and whether ``method``'s
+    success rate is the lower."""
     by = {(r["function"], r["method"]): r for r in records}
     rows, ratios = [], []
     for function, _ in ANISOTROPY_ROWS:
-        iso, aniso = by.get((function, "dgs-isotropic")), by.get((function, "dgs"))
-        if iso is None or aniso is None:
+        base, new = by.get((function, baseline)), by.get((function, method))
+        if base is None or new is None:
             continue
         ratio = None
-        if iso["mean_evaluations"] and aniso["mean_evaluations"]:
-            ratio = aniso["mean_evaluations"] / iso["mean_evaluations"]
-        worse_rate = aniso["success_rate"] < iso["success_rate"]
-        ratios.append((ratio, worse_rate))
+        if base["mean_evaluations"] and new["mean_evaluations"]:
+            ratio = new["mean_evaluations"] / base["mean_evaluations"]
+        ratios.append((ratio, new["success_rate"] < base["success_rate"]))
         rows.append(
             {
                 "function": function,
-                "one radius": f"{100 * iso['success_rate']:.0f} %, "
-                f"{_rounded(iso['mean_evaluations'])}",
-                "anisotropic": f"{100 * aniso['success_rate']:.0f} %, "
-                f"{_rounded(aniso['mean_evaluations'])}",
+                labels[1]: f"{100 * base['success_rate']:.0f} %, "
+                f"{_rounded(base['mean_evaluations'])}",
+                labels[0]: f"{100 * new['success_rate']:.0f} %, "
+                f"{_rounded(new['mean_evaluations'])}",
                 "ratio": None if ratio is None else round(ratio, 3),
             }
         )
+    return rows, ratios
+
+
+def anisotropy_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """Anisotropic over isotropic mean evaluations per function, and issue 17's targets:
+    ≤ 0.8× on at least two functions, never > 1.25× (a lower success rate counts as a loss);
+    then the recipe (3 lateral nodes, the main direction's ratio) over ASGF's (5 nodes on
+    every direction, the largest ratio), which must never cost evaluations or success."""
+    labels = ("anisotropic", "one radius")
+    rows, ratios = _comparison(records, "dgs", "dgs-isotropic", labels)
     wins = sum(1 for r, worse in ratios if r is not None and r <= 0.8 and not worse)
     worst = max((r for r, _ in ratios if r is not None), default=None)
     targets = [
@@ -265,14 +277,38 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[dict[str, Any], lis
             f"largest ratio {worst if worst is None else round(worst, 2)}",
         ),
     ]
-    table = common.make_table(
-        f"Anisotropy: dgs (anisotropic) against dgs-isotropic (one radius), d = 10, "
-        f"budget {ANISOTROPY_BUDGET}",
-        ["function", "one radius", "anisotropic", "ratio"],
-        rows,
-        notes=["success rate, mean evaluations to success; ratio = anisotropic / one radius"],
-    )
-    return table, targets
+    tables = [
+        common.make_table(
+            f"Anisotropy: dgs (anisotropic) against dgs-isotropic (one radius), d = 10, "
+            f"budget {ANISOTROPY_BUDGET}",
+            ["function", *reversed(labels), "ratio"],
+            rows,
+            notes=["success rate, mean evaluations to success; ratio = anisotropic / one radius"],
+        )
+    ]
+    labels = ("dgs", "ASGF's nodes and rule")
+    rows, ratios = _comparison(records, "dgs", "dgs-asgf", labels)
+    if rows:
+        worst = max((r for r, _ in ratios if r is not None), default=None)
+        targets.append(
+            common.target(
+                "the recipe's quadrature and radius rule never > 1.0× dgs-asgf's evaluations "
+                "(nor a lower success rate)",
+                worst is not None and worst <= 1.0 and not any(worse for _, worse in ratios),
+                f"largest ratio {worst if worst is None else round(worst, 2)}",
+            )
+        )
+        tables.append(
+            common.make_table(
+                "Quadrature and radius rule: dgs (M = 5 on the main direction, 3 on the "
+                "others; the main direction's ratio) against dgs-asgf (M = 5 on every "
+                f"direction; the largest ratio), d = 10, budget {ANISOTROPY_BUDGET}",
+                ["function", *reversed(labels), "ratio"],
+                rows,
+                notes=["success rate, mean evaluations to success; ratio = dgs / dgs-asgf"],
+            )
+        )
+    return tables, targets
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -316,6 +316,9 @@ def test_scan_and_pytree_params():
         ({"radius": 1.0, "min_radius": 0.5}, "min_radius"),
         ({"radius": 1.0, "lr_bounds": (2.0, 1.0)}, "lr_bounds"),
         ({"radius": 1.0, "num_directions": 0}, "num_directions"),
+        ({"radius": 1.0, "lateral_nodes": 2}, "lateral_nodes"),
+        ({"radius": 1.0, "lateral_nodes": 3.0}, "lateral_nodes"),
+        ({"radius": 1.0, "radius_ratio": "max"}, "radius_ratio"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -336,8 +339,8 @@ def test_bad_box_and_too_many_directions():
         agsopt.dgs(1.0).update(jnp.zeros(3), agsopt.dgs(1.0).init(jnp.zeros(3)), jnp.zeros(3))
 
 
-@pytest.mark.parametrize("anisotropic", [False, True])
-def test_ask_tell_gives_the_jitted_steps(anisotropic):
+@pytest.mark.parametrize(("anisotropic", "lateral_nodes"), [(False, None), (True, None), (True, 3)])
+def test_ask_tell_gives_the_jitted_steps(anisotropic, lateral_nodes):
     """dgs_ask_tell: the points of each step, evaluated outside JAX (NumPy), give the same
     updates and state as the jitted value_fn path, over steps with a restart-prone radius
     (isotropic) or a metric being learned (anisotropic, on an ill-conditioned function)."""
@@ -350,6 +353,9 @@ def test_ask_tell_gives_the_jitted_steps(anisotropic):
         return jnp.sum(jnp.asarray(weights, x.dtype) * x**2 - 3 * jnp.cos(4 * x))
 
     kwargs = {"num_directions": 3, "key": 9, "anisotropic": anisotropic}
+    if lateral_nodes is not None:  # 4 nodes on the main direction, 2 on each other one
+        kwargs["lateral_nodes"] = lateral_nodes
+    count = 4 + 2 * 2 + 1 if lateral_nodes else 3 * 4 + 1
     asked = agsopt.dgs_ask_tell(0.8, **kwargs)
     direct = agsopt.dgs(0.8, **kwargs)
     x = y = jnp.asarray([2.0, -1.5, 0.3, 1.1])
@@ -357,16 +363,62 @@ def test_ask_tell_gives_the_jitted_steps(anisotropic):
     step = jax.jit(lambda s, p: direct.update(jnp.zeros_like(p), s, p, value_fn=rugged))
     for _ in range(6):
         points, ticket = asked.ask(state_a, x)
-        assert points.shape == (3 * 4 + 1, 4)
+        assert points.shape == (count, 4)
         np.testing.assert_array_equal(points[0], np.asarray(x))
         updates_a, state_a = asked.tell(ticket, rugged_np(np.asarray(points, np.float64)))
         updates_d, state_d = step(state_d, y)
         np.testing.assert_allclose(updates_a, updates_d, rtol=2e-4, atol=1e-5)
         x, y = optax.apply_updates(x, updates_a), optax.apply_updates(y, updates_d)
         y = x  # continue both from the same point (the paths agree to rounding)
-    assert int(state_a.num_evaluations) == int(state_d.num_evaluations) == 6 * 13
+    assert int(state_a.num_evaluations) == int(state_d.num_evaluations) == 6 * count
     np.testing.assert_allclose(state_a.best_value, state_d.best_value, rtol=1e-5)
     np.testing.assert_allclose(state_a.scales, state_d.scales, rtol=1e-4)
     assert anisotropic == bool(np.any(np.abs(np.asarray(state_a.scales) - 1) > 1e-3))
-    with pytest.raises(ValueError, match=r"shape \(13,\)"):
-        asked.tell(asked.ask(state_a, x)[1], np.zeros(12))
+    with pytest.raises(ValueError, match=rf"shape \({count},\)"):
+        asked.tell(asked.ask(state_a, x)[1], np.zeros(count - 1))
+
+
+def _radius_after_one_step(f, radius_ratio: str) -> float:
+    """The radius after one step from x = 0 (s = 0.5) with e_0 as the main direction."""
+    tx = agsopt.dgs(0.5, radius_ratio=radius_ratio, key=0)
+    state = tx.init(jnp.zeros(2))._replace(direction=jnp.asarray([1.0, 0.0]))
+    _, state = tx.update(jnp.zeros(2), state, jnp.zeros(2), value_fn=f)
+    return float(state.radius)
+
+
+def test_radius_ratio_main_reads_the_main_direction_only():
+    """ "all" (ASGF) thresholds max_i |D_i|/L_i, "main" |D_1|/L_1 (A = 0.1, B = 0.9). Along
+    a linear direction the ratio is 1 (> B: grow by 1/0.9); along an even ripple cos(8t) at
+    x = 0 it is 0 (D = 0 < A: shrink by 0.9)."""
+
+    def main_linear(x):
+        return x[0] + 3.0 * jnp.cos(8.0 * x[1])
+
+    def main_rippled(x):
+        return 3.0 * jnp.cos(8.0 * x[0]) + x[1]
+
+    for rule in ("all", "main"):
+        assert _radius_after_one_step(main_linear, rule) == pytest.approx(0.5 / 0.9)
+    assert _radius_after_one_step(main_rippled, "all") == pytest.approx(0.5 / 0.9)
+    assert _radius_after_one_step(main_rippled, "main") == pytest.approx(0.5 * 0.9)
+
+
+def test_lateral_nodes_count_and_match_the_uniform_rule_where_equal():
+    """(M − 1) + (k − 1)(M' − 1) + 1 calls a step; lateral_nodes = num_nodes is the
+    default rule bit for bit."""
+
+    def f(x):
+        return jnp.sum(x**2) + jnp.sum(jnp.sin(3 * x))
+
+    x = jnp.asarray([0.3, -1.0, 2.0, 0.5])
+    tx = agsopt.dgs(0.4, num_nodes=5, lateral_nodes=3, key=1)
+    _, state = tx.update(jnp.zeros(4), tx.init(x), x, value_fn=f)
+    assert int(state.num_evaluations) == 4 + 3 * 2 + 1
+    same = agsopt.dgs(0.4, num_nodes=5, lateral_nodes=5, key=1)
+    default = agsopt.dgs(0.4, num_nodes=5, key=1)
+    step = {
+        name: jax.jit(lambda s, t=t: t.update(jnp.zeros(4), s, x, value_fn=f))(t.init(x))
+        for name, t in (("same", same), ("default", default))
+    }
+    for a, b in zip(jax.tree.leaves(step["same"]), jax.tree.leaves(step["default"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

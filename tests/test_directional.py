@@ -161,7 +161,8 @@ def test_chunked_equals_unchunked_and_counts():
     assert int(full.num_evaluations) == evaluations_per_step(6, 5) == 6 * 4 + 1
 
 
-def test_evaluation_count_is_the_number_of_calls():
+@pytest.mark.parametrize(("lateral_nodes", "expected"), [(None, 3 * 6 + 1), (3, 6 + 2 * 2 + 1)])
+def test_evaluation_count_is_the_number_of_calls(lateral_nodes, expected):
     points = []
 
     def record(x):  # under vmap the callback receives the whole batch of points
@@ -172,9 +173,11 @@ def test_evaluation_count_is_the_number_of_calls():
         return jnp.sum(x**2)
 
     basis = _basis(dim=4, k=3)
-    est = directional_value_and_grad(f, jnp.ones(4), basis, 0.5, num_nodes=7)
+    est = directional_value_and_grad(
+        f, jnp.ones(4), basis, 0.5, num_nodes=7, lateral_nodes=lateral_nodes
+    )
     jax.effects_barrier()
-    assert len(points) == int(est.num_evaluations) == 3 * 6 + 1
+    assert len(points) == int(est.num_evaluations) == expected
     assert len({tuple(p) for p in points}) == len(points)  # no point evaluated twice
 
 
@@ -229,3 +232,75 @@ def test_bad_num_nodes(num_nodes):
 def test_bad_directions_shape():
     with pytest.raises(ValueError, match="directions"):
         directional_value_and_grad(jnp.sum, jnp.zeros(3), jnp.eye(4), 0.1)
+
+
+def test_lateral_nodes_are_exact_to_their_own_degree():
+    """M nodes on the first direction, M' on the others: D_i exact for polynomials of degree
+    ≤ 2M − 2 along the first, ≤ 2M' − 2 along the others; C_i to 2M − 3 and 2M' − 3."""
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1, 1, DIM)
+    basis = _basis()
+    radii = jnp.asarray(rng.uniform(0.3, 1.2, DIM))
+    for i, nodes in ((0, 5), (1, 3), (3, 3)):
+        coeffs = rng.standard_normal(2 * nodes - 1)  # degree 2M − 2 (D exact)
+        low = np.where(np.arange(len(coeffs)) < len(coeffs) - 1, coeffs, 0.0)  # C exact
+
+        def f(x, xi=basis[i], c=coeffs):
+            t = jnp.dot(xi, x - x0)
+            return sum(cj * t**j for j, cj in enumerate(c))
+
+        def f_low(x, xi=basis[i], c=low):
+            t = jnp.dot(xi, x - x0)
+            return sum(cj * t**j for j, cj in enumerate(c))
+
+        est = directional_value_and_grad(
+            f, jnp.asarray(x0), basis, radii, num_nodes=5, lateral_nodes=3
+        )
+        est_low = directional_value_and_grad(
+            f_low, jnp.asarray(x0), basis, radii, num_nodes=5, lateral_nodes=3
+        )
+        d1, _ = _smoothed_monomial_moments(coeffs, float(radii[i]))
+        _, d2 = _smoothed_monomial_moments(low, float(radii[i]))
+        np.testing.assert_allclose(est.derivatives[i], d1, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(est_low.curvatures[i], d2, rtol=1e-9, atol=1e-9)
+        assert int(est.num_evaluations) == 4 + (DIM - 1) * 2 + 1
+
+    # a lateral direction is not exact at degree 2M − 2 of the main one's 5 nodes: degree 8
+    def f8(x):
+        return jnp.dot(basis[1], x - x0) ** 8
+
+    est = directional_value_and_grad(f8, jnp.asarray(x0), basis, 0.9, num_nodes=5, lateral_nodes=3)
+    exact = _smoothed_monomial_moments(np.eye(9)[8], 0.9)[1]
+    assert abs(float(est.curvatures[1]) - exact) > 1e-3 * abs(exact)
+    assert evaluations_per_step(DIM, 5, 3) == 4 + (DIM - 1) * 2 + 1
+    assert evaluations_per_step(1, 5, 3) == 5 and evaluations_per_step(DIM, 5) == DIM * 4 + 1
+
+
+def test_lateral_nodes_points_match_the_tabulated_order():
+    """directional_points lists x, the first direction's M − 1 nodes, then each other
+    direction's M' − 1; the estimator reading those values (TabulatedValues) equals the
+    estimator calling f."""
+    from agsopt.smoothing.directional import directional_points
+    from agsopt.smoothing.estimator import TabulatedValues
+
+    rng = np.random.default_rng(3)
+    x0 = jnp.asarray(rng.uniform(-1, 1, DIM))
+    basis = _basis(k=3)
+
+    def f(x):
+        return jnp.sum(jnp.cos(2 * x) + x**3)
+
+    points = directional_points(x0, basis, 0.7, num_nodes=5, lateral_nodes=3)
+    assert points.shape == (4 + 2 * 2 + 1, DIM)
+    np.testing.assert_array_equal(points[0], x0)
+    offsets = np.asarray(points[1:5] - x0) @ np.asarray(basis[0])
+    nodes3, nodes5 = gauss_hermite(3)[0], gauss_hermite(5)[0]
+    np.testing.assert_allclose(offsets, math.sqrt(2) * 0.7 * np.delete(nodes5, 2), atol=1e-12)
+    for row, first in ((1, 5), (2, 7)):
+        along = np.asarray(points[first : first + 2] - x0) @ np.asarray(basis[row])
+        np.testing.assert_allclose(along, math.sqrt(2) * 0.7 * np.delete(nodes3, 1), atol=1e-12)
+    table = TabulatedValues(jax.vmap(f)(points))
+    read = directional_value_and_grad(table, x0, basis, 0.7, num_nodes=5, lateral_nodes=3)
+    called = directional_value_and_grad(f, x0, basis, 0.7, num_nodes=5, lateral_nodes=3)
+    for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(called), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)

@@ -128,15 +128,14 @@ def test_alias_docstrings_say_how_to_call_them(alias):
 
 def test_injected_box_of_dgs_blackbox_names_static_args():
     """The box is read when dgs_blackbox is built; injected, it is traced in update."""
-    opt = optax.inject_hyperparams(agsopt.dgs_blackbox, static_args=("num_nodes", "restarts"))(
-        lower=-1.0, upper=1.0
-    )
+    ints = ("num_nodes", "lateral_nodes", "restarts")
+    opt = optax.inject_hyperparams(agsopt.dgs_blackbox, static_args=ints)(lower=-1.0, upper=1.0)
     x = jnp.ones(3)
     state = opt.init(x)
     with pytest.raises(TypeError, match=r"static_args=\('lower', 'upper'"):
         jax.jit(lambda s: opt.update(x, s, x, value_fn=jnp.sum))(state)
-    fixed = optax.inject_hyperparams(
-        agsopt.dgs_blackbox, static_args=("lower", "upper", "num_nodes", "restarts")
-    )(lower=-1.0, upper=1.0)
+    fixed = optax.inject_hyperparams(agsopt.dgs_blackbox, static_args=("lower", "upper", *ints))(
+        lower=-1.0, upper=1.0
+    )
     updates, _ = jax.jit(lambda s: fixed.update(x, s, x, value_fn=jnp.sum))(fixed.init(x))
     assert bool(jnp.all(jnp.isfinite(updates)))

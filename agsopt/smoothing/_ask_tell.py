@@ -249,7 +249,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     """:func:`agsopt.dgs` with an ask/tell interface (the directional Gauss–Hermite
     estimator, arXiv:2002.03001, with ASGF's adaptation, arXiv:2006.10887).
 
-    ``ask`` returns the ``k (M − 1) + 1`` points of the step
+    ``ask`` returns the ``(M − 1) + (k − 1)(M' − 1) + 1`` points of the step
     (:func:`agsopt.smoothing.directional.directional_points`: x, then each direction's
     nodes), ``tell`` runs ``dgs``'s own ``update`` with their values: the same state
     (best point, counters, ``stop``) and the same updates as the jitted ``value_fn`` path for
@@ -259,6 +259,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     tx = dgs(radius, **dgs_kwargs)
     num_directions = dgs_kwargs.get("num_directions")
     num_nodes = dgs_kwargs.get("num_nodes", 5)
+    lateral_nodes = dgs_kwargs.get("lateral_nodes")
     key_data, key_impl = key_for_state(dgs_kwargs.get("key", 0))
 
     def own_state(state: Any) -> DGSState:
@@ -276,7 +277,9 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     @jax.jit
     def points_of(state: DGSState, params: PyTree) -> PyTree:
         _, _, directions, radii = step_directions(state, directions_of(state), key_impl)
-        return directional.directional_points(params, directions, radii, num_nodes=num_nodes)
+        return directional.directional_points(
+            params, directions, radii, num_nodes=num_nodes, lateral_nodes=lateral_nodes
+        )
 
     @jax.jit
     def update_with(state: DGSState, params: PyTree, values: jax.Array) -> tuple[PyTree, Any]:
@@ -287,7 +290,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
         own = own_state(state)
         check_state(own, params, key_data.shape)
         batch = jax.tree.map(np.array, points_of(own, params))  # writable copies
-        count = directional.evaluations_per_step(directions_of(own), num_nodes)
+        count = directional.evaluations_per_step(directions_of(own), num_nodes, lateral_nodes)
         return batch, Ticket(state, params, count)
 
     def tell_fn(ticket: Ticket, values: Any) -> tuple[PyTree, Any]:

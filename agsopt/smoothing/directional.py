@@ -27,12 +27,14 @@ ASGF/DGS write the radius for the weight e^{−τ²}: their s is √2 times ours
 The quadrature gives, for free, each direction's local Lipschitz estimate
 ``L_i = max_m |g_i,m+1 − g_im| / (√2 s_i (τ_m+1 − τ_m))`` (nodes in increasing order) and,
 for odd M, ``f(x)`` itself (the node τ = 0, shared by every direction): one step costs
-``k (M − 1) + 1`` evaluations. The best of the evaluated points is returned too, so an
-optimizer tracks its best point without another evaluation.
+``k (M − 1) + 1`` evaluations, ``(M − 1) + (k − 1)(M' − 1) + 1`` with M' = ``lateral_nodes``
+nodes on the directions after the first. The best of the evaluated points is returned too,
+so an optimizer tracks its best point without another evaluation.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -76,7 +78,7 @@ class DirectionalEstimate(NamedTuple):
         direction i had a non-finite value).
       best_value: the smallest finite value among the evaluated points (+inf if none).
       best_params: the point where it was found, a pytree like the parameters.
-      num_evaluations: ``k (M − 1) + 1``.
+      num_evaluations: ``k (M − 1) + 1`` (:func:`evaluations_per_step`).
       num_nonfinite: how many of the evaluated values were not finite.
     """
 
@@ -92,11 +94,11 @@ class DirectionalEstimate(NamedTuple):
     num_nonfinite: jax.Array
 
 
-def _check_num_nodes(num_nodes: int) -> int:
-    num_nodes = validation.check_int("num_nodes", num_nodes, minimum=1)
+def _check_num_nodes(num_nodes: int, name: str = "num_nodes") -> int:
+    num_nodes = validation.check_int(name, num_nodes, minimum=1)
     if num_nodes < 3 or num_nodes % 2 == 0:
         raise ValueError(
-            f"num_nodes must be an odd int ≥ 3 (the node τ = 0 is f(x), shared by every "
+            f"{name} must be an odd int ≥ 3 (the node τ = 0 is f(x), shared by every "
             f"direction), got {num_nodes}"
         )
     return int(num_nodes)
@@ -111,9 +113,25 @@ def gauss_hermite(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     return nodes, weights
 
 
-def evaluations_per_step(num_directions: int, num_nodes: int) -> int:
-    """Function evaluations of one :func:`directional_value_and_grad`: ``k (M − 1) + 1``."""
-    return int(num_directions) * (_check_num_nodes(num_nodes) - 1) + 1
+def evaluations_per_step(
+    num_directions: int, num_nodes: int, lateral_nodes: int | None = None
+) -> int:
+    """Function evaluations of one :func:`directional_value_and_grad`:
+    ``(M − 1) + (k − 1)(M' − 1) + 1`` (M nodes on the first direction, M' =
+    ``lateral_nodes`` on the others; ``k (M − 1) + 1`` when M' = M)."""
+    counts = _node_counts(int(num_directions), num_nodes, lateral_nodes)
+    return sum(rows * (nodes - 1) for rows, nodes in counts) + 1
+
+
+def _node_counts(k: int, num_nodes: int, lateral_nodes: int | None) -> list[tuple[int, int]]:
+    """``[(rows, nodes), ...]``: the directions in order, grouped by their node count."""
+    num_nodes = _check_num_nodes(num_nodes)
+    lateral = num_nodes
+    if lateral_nodes is not None:
+        lateral = _check_num_nodes(lateral_nodes, "lateral_nodes")
+    if lateral == num_nodes or k == 1:
+        return [(k, num_nodes)]
+    return [(1, num_nodes), (k - 1, lateral)]
 
 
 def directional_basis(
@@ -167,22 +185,32 @@ def _offsets(num_nodes: int, dtype: Any) -> jax.Array:
 
 
 def directional_points(
-    params: PyTree, directions: jax.Array, radii: jax.Array | float, *, num_nodes: int = 5
+    params: PyTree,
+    directions: jax.Array,
+    radii: jax.Array | float,
+    *,
+    num_nodes: int = 5,
+    lateral_nodes: int | None = None,
 ) -> PyTree:
     """The points :func:`directional_value_and_grad` evaluates, stacked on a new leading axis
     (the first half of the estimator, for ask/tell): x first, then for each direction i in
-    order its M − 1 nodes ``x + √2 s_i τ_m ξ_i`` (τ_m increasing, τ = 0 left out);
-    ``k (M − 1) + 1`` points. Given their values as an
+    order its nodes other than τ = 0, ``x + √2 s_i τ_m ξ_i`` (τ_m increasing; M − 1 on the
+    first direction, ``lateral_nodes`` − 1 on the others); :func:`evaluations_per_step`
+    points. Given their values as an
     :class:`agsopt.smoothing.estimator.TabulatedValues` in place of ``fn``, the estimator
     reads them instead of evaluating ``fn``."""
-    num_nodes = _check_num_nodes(num_nodes)
     x = _flatten(params)
     k = directions.shape[0]
     dtype = jnp.result_type(x.dtype, jnp.float32)
     radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
-    shifts = _offsets(num_nodes, dtype)[None, :, None] * radii[:, None, None] * directions[:, None]
-    flat = jnp.concatenate([x[None].astype(dtype), (x + shifts).reshape(-1, x.shape[0])])
-    flat = flat.astype(x.dtype)
+    rows, first = [x[None].astype(dtype)], 0
+    for count, nodes in _node_counts(k, num_nodes, lateral_nodes):
+        group = slice(first, first + count)
+        offsets = _offsets(nodes, dtype)[None, :, None]
+        shifts = offsets * radii[group, None, None] * directions[group, None]
+        rows.append((x + shifts).reshape(-1, x.shape[0]))
+        first += count
+    flat = jnp.concatenate(rows).astype(x.dtype)
     return jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat)
 
 
@@ -216,20 +244,26 @@ def directional_value_and_grad(
     radii: jax.Array | float,
     *,
     num_nodes: int = 5,
+    lateral_nodes: int | None = None,
     chunk_size: int | None = None,
 ) -> DirectionalEstimate:
     """Value, DGS gradient and per-direction statistics of ``fn`` at ``params``.
 
     Args:
       fn: the loss, a pytree of parameters → scalar; called only on points (black-box: no
-        autodiff), ``k (M − 1) + 1`` times.
+        autodiff), :func:`evaluations_per_step` times (``k (M − 1) + 1``).
       params: the point x, a pytree of floating arrays (d numbers in all).
       directions: ``(k, d)`` orthonormal rows ξ_i in the order of ``jax.tree.leaves(params)``
         (:func:`directional_basis`). Other rows v_i give the derivatives along them (D_i of
         ``t ↦ f(x + t v_i)``) and ``grad = Σ_i D_i v_i``: :func:`agsopt.dgs` passes
         ``a ⊙ ξ_i`` for its anisotropic metric.
       radii: s_i > 0, a scalar or shape ``(k,)``.
-      num_nodes: M, odd, ≥ 3 (ASGF uses 5).
+      num_nodes: M, odd, ≥ 3 (ASGF uses 5): the nodes on every direction, or on the first
+        one only where ``lateral_nodes`` is given.
+      lateral_nodes: M', odd, ≥ 3, the nodes on the directions after the first (ASGF's
+        auxiliary directions; None: M). The first is the main one, along which a step is
+        taken (:func:`directional_basis`'s ``first``); its curvature is exact to degree
+        2M − 3, the others' to 2M' − 3.
       chunk_size: directions evaluated at once (``vmap``-ped), the rest in sequence
         (``lax.map``): memory O(chunk_size · M · d). ``None``: all at once.
 
@@ -242,61 +276,41 @@ def directional_value_and_grad(
         directions,
         radii,
         num_nodes=num_nodes,
+        lateral_nodes=lateral_nodes,
         chunk_size=chunk_size,
         owner="agsopt.directional_value_and_grad",
         fun_name="fn",
     )
 
 
-def directional_estimate(
-    fn: Callable[[PyTree], jax.Array],
-    params: PyTree,
+class _Quadrature(NamedTuple):
+    """One group of directions sharing a node count: their statistics and best node."""
+
+    derivatives: jax.Array
+    curvatures: jax.Array
+    lipschitz: jax.Array
+    roughness: jax.Array
+    best_value: jax.Array
+    best_shift: jax.Array
+    num_nonfinite: jax.Array
+
+
+def _quadrature(
+    center: jax.Array,
+    side_values: jax.Array,
+    num_nodes: int,
     directions: jax.Array,
-    radii: jax.Array | float,
-    *,
-    num_nodes: int = 5,
-    chunk_size: int | None = None,
-    owner: str,
-    fun_name: str,
-) -> DirectionalEstimate:
-    """:func:`directional_value_and_grad`, with the caller's names in its error messages."""
-    num_nodes = _check_num_nodes(num_nodes)
-    directions = _check_inputs(fn, params, directions, radii, chunk_size, owner, fun_name)
-    x = _flatten(params)
-    k, dim = directions.shape
-    if dim != x.shape[0]:
-        raise ValueError(
-            f"directions must have d = {x.shape[0]} columns, got shape {directions.shape}"
-        )
-    dtype = jnp.result_type(x.dtype, jnp.float32)
-    directions = directions.astype(dtype)
-    radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
+    radii: jax.Array,
+) -> _Quadrature:
+    """The module doc's D_i, C_i, L_i, R_i from the node values ``side_values`` (rows × M − 1,
+    τ = 0 left out) and the shared ``center`` f(x); the smallest finite node value and its
+    shift from x."""
+    dtype = side_values.dtype
+    rows = side_values.shape[0]
     nodes, weights = gauss_hermite(num_nodes)
-    offsets = _offsets(num_nodes, dtype)  # √2 τ_m, the node τ = 0 left out
-
-    def point(shift: jax.Array) -> PyTree:
-        return tree_unflatten_vector((x + shift).astype(x.dtype), params)
-
-    def values_along(row: tuple[jax.Array, jax.Array]) -> jax.Array:
-        xi, s = row
-        return jax.vmap(lambda c: jnp.asarray(fn(point(c * s * xi)), dtype))(offsets)
-
-    table = inspect.unwrap(fn)
-    if isinstance(table, TabulatedValues):  # ask/tell: the values of directional_points
-        values = jnp.asarray(table.values, dtype)
-        if values.shape != (k * (num_nodes - 1) + 1,):
-            raise ValueError(
-                f"the tabulated values must have shape ({k * (num_nodes - 1) + 1},), one per "
-                f"point of directional_points, got {values.shape}"
-            )
-        center, side_values = values[0], values[1:].reshape(k, num_nodes - 1)
-    else:
-        center = jnp.asarray(fn(params), dtype)
-        batch = k if chunk_size is None else max(1, min(int(chunk_size), k))
-        side_values = jax.lax.map(values_along, (directions, radii), batch_size=batch)
     half = num_nodes // 2
     g = jnp.concatenate(
-        [side_values[:, :half], jnp.broadcast_to(center, (k, 1)), side_values[:, half:]], axis=1
+        [side_values[:, :half], jnp.broadcast_to(center, (rows, 1)), side_values[:, half:]], 1
     )
     finite = jnp.isfinite(g)
     valid = jnp.all(finite, axis=1)
@@ -308,29 +322,96 @@ def directional_estimate(
     curvatures = (g_safe @ (w * (2.0 * tau**2 - 1.0))) / (sqrt_pi * radii**2)
     slopes = jnp.abs(jnp.diff(g_safe, axis=1)) / (math.sqrt(2.0) * jnp.diff(tau))
     lipschitz = jnp.max(slopes, axis=1) / radii
-    roughness = _roughness(g_safe, nodes)
-    derivatives = jnp.where(valid, derivatives, 0.0)
-    roughness = jnp.where(valid, roughness, jnp.nan)
     nan = jnp.asarray(jnp.nan, dtype)
-    curvatures = jnp.where(valid, curvatures, nan)
-    lipschitz = jnp.where(valid, lipschitz, nan)
-    grad_flat = jnp.matmul(derivatives, directions, precision=jax.lax.Precision.HIGHEST)
-
     ranked = jnp.where(finite, g, jnp.inf).reshape(-1)
     best = jnp.argmin(ranked)
     row, col = best // num_nodes, best % num_nodes
-    best_shift = math.sqrt(2.0) * tau[col] * radii[row] * directions[row]
+    return _Quadrature(
+        derivatives=jnp.where(valid, derivatives, 0.0),
+        curvatures=jnp.where(valid, curvatures, nan),
+        lipschitz=jnp.where(valid, lipschitz, nan),
+        roughness=jnp.where(valid, _roughness(g_safe, nodes), nan),
+        best_value=ranked[best],
+        best_shift=math.sqrt(2.0) * tau[col] * radii[row] * directions[row],
+        num_nonfinite=jnp.sum(~finite[:, :half]).astype(jnp.int32)
+        + jnp.sum(~finite[:, half + 1 :]).astype(jnp.int32),
+    )
+
+
+def directional_estimate(
+    fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    directions: jax.Array,
+    radii: jax.Array | float,
+    *,
+    num_nodes: int = 5,
+    lateral_nodes: int | None = None,
+    chunk_size: int | None = None,
+    owner: str,
+    fun_name: str,
+) -> DirectionalEstimate:
+    """:func:`directional_value_and_grad`, with the caller's names in its error messages."""
+    directions = _check_inputs(fn, params, directions, radii, chunk_size, owner, fun_name)
+    x = _flatten(params)
+    k, dim = directions.shape
+    if dim != x.shape[0]:
+        raise ValueError(
+            f"directions must have d = {x.shape[0]} columns, got shape {directions.shape}"
+        )
+    groups = _node_counts(k, num_nodes, lateral_nodes)
+    dtype = jnp.result_type(x.dtype, jnp.float32)
+    directions = directions.astype(dtype)
+    radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
+
+    def point(shift: jax.Array) -> PyTree:
+        return tree_unflatten_vector((x + shift).astype(x.dtype), params)
+
+    def values_along(offsets: jax.Array, row: tuple[jax.Array, jax.Array]) -> jax.Array:
+        xi, s = row
+        return jax.vmap(lambda c: jnp.asarray(fn(point(c * s * xi)), dtype))(offsets)
+
+    table = inspect.unwrap(fn)
+    count = evaluations_per_step(k, num_nodes, lateral_nodes)
+    if isinstance(table, TabulatedValues):  # ask/tell: the values of directional_points
+        values = jnp.asarray(table.values, dtype)
+        if values.shape != (count,):
+            raise ValueError(
+                f"the tabulated values must have shape ({count},), one per point of "
+                f"directional_points, got {values.shape}"
+            )
+        center = values[0]
+    else:
+        center = jnp.asarray(fn(params), dtype)
+    parts, first, read = [], 0, 1
+    for rows, nodes in groups:
+        group = slice(first, first + rows)
+        if isinstance(table, TabulatedValues):
+            side_values = values[read : read + rows * (nodes - 1)].reshape(rows, nodes - 1)
+        else:
+            batch = rows if chunk_size is None else max(1, min(int(chunk_size), rows))
+            along = functools.partial(values_along, _offsets(nodes, dtype))
+            side_values = jax.lax.map(along, (directions[group], radii[group]), batch_size=batch)
+        parts.append(_quadrature(center, side_values, nodes, directions[group], radii[group]))
+        first, read = first + rows, read + rows * (nodes - 1)
+
+    def joined(field: str) -> jax.Array:
+        return jnp.concatenate([getattr(part, field) for part in parts])
+
+    derivatives = joined("derivatives")
+    grad_flat = jnp.matmul(derivatives, directions, precision=jax.lax.Precision.HIGHEST)
+    best_values = jnp.stack([part.best_value for part in parts])
+    best = jnp.argmin(best_values)
+    best_shift = jnp.stack([part.best_shift for part in parts])[best]
+    num_nonfinite = sum(part.num_nonfinite for part in parts)
     return DirectionalEstimate(
         value=center,
         grad=tree_unflatten_vector(grad_flat, params),
         derivatives=derivatives,
-        curvatures=curvatures,
-        lipschitz=lipschitz,
-        roughness=roughness,
-        best_value=ranked[best],
+        curvatures=joined("curvatures"),
+        lipschitz=joined("lipschitz"),
+        roughness=joined("roughness"),
+        best_value=best_values[best],
         best_params=point(best_shift),
-        num_evaluations=jnp.asarray(k * (num_nodes - 1) + 1, jnp.int32),
-        num_nonfinite=jnp.sum(~finite[:, :half]).astype(jnp.int32)
-        + jnp.sum(~finite[:, half + 1 :]).astype(jnp.int32)
-        + (~jnp.isfinite(center)).astype(jnp.int32),
+        num_evaluations=jnp.asarray(count, jnp.int32),
+        num_nonfinite=num_nonfinite + (~jnp.isfinite(center)).astype(jnp.int32),
     )

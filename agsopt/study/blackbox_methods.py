@@ -371,12 +371,21 @@ METHODS: dict[str, Method] = {
     for m in [
         Method(
             "dgs",
-            "agsopt.dgs_blackbox: directional Gauss–Hermite smoothing (M = 5, all d "
-            "directions, the last gradient first), curvature step, ASGF radius rule and "
-            "restarts, s0 = box diagonal/(10√2), the learned per-coordinate metric "
+            "agsopt.dgs_blackbox: directional Gauss–Hermite smoothing along all d "
+            "directions (the last gradient first, M = 5 nodes; 3 on the others), curvature "
+            "step, ASGF's radius rule on the main direction's ratio |D_1|/L_1 and restarts, "
+            "s0 = box diagonal/(10√2), the learned per-coordinate metric "
             "Σ = s² diag(a)², a → h^(-1/2) (anisotropic=True)",
             library=True,
             factory=dgs_preset(),
+        ),
+        Method(
+            "dgs-asgf",
+            "dgs with ASGF's quadrature and radius rule: M = 5 nodes on every direction, the "
+            "rule on the largest ratio max_i |D_i|/L_i (lateral_nodes=None, "
+            "radius_ratio='all'; the recipe before 2026-12-05)",
+            library=True,
+            factory=dgs_preset(lateral_nodes=None, radius_ratio="all"),
         ),
         Method(
             "dgs-isotropic",
