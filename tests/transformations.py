@@ -152,8 +152,10 @@ def _alias(factory: Callable[..., Any], key: int) -> Entry:
 _DGS_STATIC = (
     "num_directions",
     "num_nodes",
+    "lateral_nodes",
     "anisotropic",
     "step",
+    "radius_ratio",
     "restarts",
     "key",
     "chunk_size",
@@ -240,7 +242,7 @@ _ENTRIES = (
         ZERO_ORDER,
         random=True,
         final_updates=True,
-        static_args=("lower", "upper", *_DGS_STATIC[:3], *_DGS_STATIC[4:]),
+        static_args=("lower", "upper", *_DGS_STATIC),
     ),
     # the SAM family
     Entry("sam", agsopt.sam, {"rho": 0.05}, GRADIENT, axis_name=True, core=True),
