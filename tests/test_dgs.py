@@ -422,3 +422,33 @@ def test_lateral_nodes_count_and_match_the_uniform_rule_where_equal():
     }
     for a, b in zip(jax.tree.leaves(step["same"]), jax.tree.leaves(step["default"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_blackbox_ask_tell_is_the_recipe():
+    """dgs_blackbox_ask_tell: the recipe's points (2d + 3 a step: 5 nodes on the main
+    direction, 3 on the others), evaluated in NumPy, give dgs_blackbox's jitted steps."""
+
+    def ackley_np(points):
+        d = points.shape[1]
+        a = -20 * np.exp(-0.2 * np.sqrt(np.sum(points**2, axis=1) / d))
+        return a - np.exp(np.mean(np.cos(2 * np.pi * points), axis=1)) + 20 + np.e
+
+    f = agsopt.functions.get("ackley")
+    asked = agsopt.dgs_blackbox_ask_tell(-5.0, 5.0, key=3)
+    direct = agsopt.dgs_blackbox(-5.0, 5.0, key=3)
+    x = jnp.asarray([2.0, -1.5, 0.3, 1.1])
+    state_a, state_d = asked.init(x), direct.init(x)
+    step = jax.jit(lambda s, p: direct.update(jnp.zeros_like(p), s, p, value_fn=f))
+    for _ in range(5):
+        points, ticket = asked.ask(state_a, x)
+        assert points.shape == (2 * 4 + 3, 4)
+        updates_a, state_a = asked.tell(ticket, ackley_np(np.asarray(points, np.float64)))
+        updates_d, state_d = step(state_d, x)
+        np.testing.assert_allclose(updates_a, updates_d, rtol=2e-4, atol=1e-5)
+        x = optax.apply_updates(x, updates_a)
+    assert int(state_a.num_evaluations) == int(state_d.num_evaluations) == 5 * 11
+    np.testing.assert_allclose(state_a.radius, state_d.radius, rtol=1e-5)
+    with pytest.raises(TypeError, match="dgs_blackbox_ask_tell.*radius"):
+        agsopt.dgs_blackbox_ask_tell(-5.0, 5.0, radius=1.0)
+    with pytest.raises(ValueError, match="upper"):
+        agsopt.dgs_blackbox_ask_tell(1.0, 0.0)

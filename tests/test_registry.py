@@ -42,6 +42,7 @@ NOT_TRANSFORMATIONS = {
     "smoothed_value_and_grad",
     "ask_tell",  # an init/ask/tell triple around ags; tested in test_ask_tell.py
     "dgs_ask_tell",  # the same around dgs; tested in test_dgs.py
+    "dgs_blackbox_ask_tell",  # the same around dgs_blackbox; tested in test_dgs.py
     "directional_points",
     "default_chunk_size",
     "evaluations_per_estimate",

@@ -35,7 +35,13 @@ from agsopt.smoothing._ags import (
     igs_gd,
     igs_sgd,
 )
-from agsopt.smoothing._ask_tell import AskTell, Ticket, ask_tell, dgs_ask_tell
+from agsopt.smoothing._ask_tell import (
+    AskTell,
+    Ticket,
+    ask_tell,
+    dgs_ask_tell,
+    dgs_blackbox_ask_tell,
+)
 from agsopt.smoothing._dgs import DGSState, dgs, dgs_blackbox
 from agsopt.smoothing.covariance_rules import CovarianceRule
 from agsopt.smoothing.directional import (
@@ -72,6 +78,7 @@ __all__ = [
     "covariance_rules",
     "default_chunk_size",
     "dgs_ask_tell",
+    "dgs_blackbox_ask_tell",
     "dgs",
     "dgs_blackbox",
     "directional",

@@ -26,6 +26,7 @@ function, reads the value of point m at place m instead of evaluating it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,13 +44,21 @@ from agsopt.smoothing._ags import (
     ags,
 )
 from agsopt.smoothing._ags import _check_state as check_ags_state
-from agsopt.smoothing._dgs import DGSState, check_state, dgs, step_directions
+from agsopt.smoothing._dgs import (
+    DGSState,
+    _box_radius,
+    _box_width,
+    check_state,
+    dgs,
+    dgs_blackbox,
+    step_directions,
+)
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
 from agsopt.tree_utils import key_for_state, split_state_key
 
 PyTree = Any
 
-__all__ = ["AskTell", "Ticket", "ask_tell", "dgs_ask_tell"]
+__all__ = ["AskTell", "Ticket", "ask_tell", "dgs_ask_tell", "dgs_blackbox_ask_tell"]
 
 
 class Ticket(NamedTuple):
@@ -299,3 +308,21 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
         return update_with(ticket.state, ticket.params, jnp.asarray(array, dtype))
 
     return AskTell(tx.init, ask_fn, tell_fn)
+
+
+def dgs_blackbox_ask_tell(lower: Any, upper: Any, **recipe_kwargs: Any) -> AskTell:
+    """:func:`agsopt.dgs_blackbox` (the black-box recipe from the box alone) with an
+    ask/tell interface: :func:`dgs_ask_tell` with the recipe's radius and defaults, for a
+    function evaluated outside JAX. ``recipe_kwargs`` are :func:`agsopt.dgs_blackbox`'s
+    keywords (``key``, ``num_directions``, ``lateral_nodes``, ...); the same state and
+    updates as ``dgs_blackbox``'s jitted ``value_fn`` path for the same values."""
+    try:
+        bound = inspect.signature(dgs_blackbox).bind(lower, upper, **recipe_kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"agsopt.dgs_blackbox_ask_tell: {error} (dgs_blackbox's keywords)"
+        ) from None
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    radius = _box_radius(_box_width(arguments.pop("lower"), arguments.pop("upper")))
+    return dgs_ask_tell(radius, **arguments)

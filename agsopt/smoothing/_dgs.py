@@ -513,7 +513,7 @@ def dgs_blackbox(
     """The black-box recipe from the user's box alone (one setting for every function):
     :func:`dgs` (curvature step) with ``s_0 = ‖upper − lower‖ / (10√2)``, ASGF's
     s_0 = box diagonal / 10 in its own convention (arXiv:2006.10887), M = 5 nodes on the
-    main direction and 3 on the others (``2d + 2`` evaluations a step with d directions),
+    main direction and 3 on the others (``2d + 3`` evaluations a step with d directions),
     the radius rule on the main direction's smoothness ratio (``radius_ratio="main"``) and
     the anisotropic metric (``anisotropic=True``; it solves a k × k system per step,
     k ≤ 4096). Measured on the black-box protocol (README "Black-box benchmark"): the
