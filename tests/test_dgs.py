@@ -163,6 +163,27 @@ def test_adapt_scales_rule():
     np.testing.assert_allclose(wide, [10.0, 0.1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_metric_step_trusts_the_fit_above_its_threshold(threshold):
+    """fit ← 0.8 fit + 0.2 R²; τ = clip((fit − t)/(1 − t), 0, 1); the scales take
+    adapt_scales(rate 0.5 τ, relax 0.3 (1 − τ)): below t only the relaxation."""
+    scales = jnp.asarray([1.0, 2.0, 0.5, 1.0])
+    h = jnp.asarray([4.0, 1.0, 2.0, 16.0])
+    for old_fit, r2 in ((0.1, 0.2), (0.5, 0.9), (0.9, 1.0)):
+        new, curvature, fit = adaptation.metric_step(
+            scales, jnp.zeros(4), jnp.asarray(old_fit), h, jnp.asarray(r2), True, threshold
+        )
+        expected_fit = 0.8 * old_fit + 0.2 * r2
+        trust = np.clip((expected_fit - threshold) / (1 - threshold), 0.0, 1.0)
+        expected = adaptation.adapt_scales(scales, h, 0.5 * trust, 0.3 * (1 - trust))
+        assert float(fit) == pytest.approx(expected_fit, rel=1e-6)
+        np.testing.assert_allclose(new, expected, rtol=1e-6)
+        np.testing.assert_allclose(curvature, h / scales**2, rtol=1e-6)
+        if expected_fit < threshold:  # not followed: the scales only relax towards 1
+            log_r = 0.7 * np.log(np.asarray(scales))
+            np.testing.assert_allclose(new, np.exp(log_r - log_r.mean()), rtol=1e-6)
+
+
 def test_anisotropic_metric_learns_the_inverse_curvature_of_an_ellipsoid():
     """On Σ_j 10^j x_j² the fit is perfect (R² → 1) and a → h^(-1/2) up to a constant
     (geometric mean 1, clipped to [1/10, 10]): a_j ∝ 10^(−j/2)."""
