@@ -115,7 +115,7 @@ def test_coordinate_curvature_is_accurate_where_the_fit_is_ill_conditioned():
     ε·cond(W)² (forming WWᵀ in float32: jit and eager then disagreed by 2e-4 relative)."""
     basis = ill_conditioned_basis()
     cond = np.linalg.cond(basis * basis)
-    assert cond**2 * np.finfo(np.float32).eps > 1.0  # the case the QR solve is there for
+    assert cond**2 * np.finfo(np.float32).eps > 1.0  # the case the SVD is there for
     c = np.random.default_rng(1).normal(size=basis.shape[0])
     w = basis * basis
     gram = w @ w.T

@@ -52,7 +52,7 @@ PyTree = Any
 STEPS = ("curvature", "lipschitz", "gradient")
 RADIUS_RATIOS = ("all", "main")
 MAX_METRIC_DIRECTIONS = 4096
-"""The most directions k with ``anisotropic=True`` (its fit factors a d × k matrix)."""
+"""The most directions k with ``anisotropic=True`` (its fit is a thin SVD of a k × d matrix)."""
 
 
 class DGSState(NamedTuple):
@@ -183,7 +183,7 @@ def dgs(
         the main direction, the others contribute their derivatives (exact to degree
         2M' − 2) and curvatures.
       anisotropic: learn the per-coordinate metric ``Σ = s² diag(a)²`` from the measured
-        curvatures (module doc; True: QR factorizations of a d × k matrix per step, k ≤ 4096,
+        curvatures (module doc; True: a thin SVD of a k × d matrix per step, k ≤ 4096,
         memory O(k·d)),
         or smooth isotropically (False, ASGF's smoothing; :func:`dgs_blackbox` defaults to
         True).
@@ -241,7 +241,7 @@ def dgs(
         k = dim if num_directions is None else num_directions
         if anisotropic and k > MAX_METRIC_DIRECTIONS:
             raise ValueError(
-                f"anisotropic=True factors a d × k matrix per step; k = {k} directions (d = "
+                f"anisotropic=True takes a k × d SVD per step; k = {k} directions (d = "
                 f"{dim}) is more than {MAX_METRIC_DIRECTIONS}: pass num_directions ≤ "
                 f"{MAX_METRIC_DIRECTIONS} or anisotropic=False"
             )
@@ -516,7 +516,7 @@ def dgs_blackbox(
     s_0 = box diagonal / 10 in its own convention (arXiv:2006.10887), M = 5 nodes on the
     main direction and 3 on the others (``2d + 3`` evaluations a step with d directions),
     the radius rule on the main direction's smoothness ratio (``radius_ratio="main"``) and
-    the anisotropic metric (``anisotropic=True``; a QR of a d × k matrix per step,
+    the anisotropic metric (``anisotropic=True``; a thin SVD of a k × d matrix per step,
     k ≤ 4096). Measured on the black-box protocol (README "Black-box benchmark"): the
     3-node lateral directions with the main-direction ratio need 0.38–0.74× the
     evaluations of ASGF's 5 nodes everywhere and largest ratio on the 16 test functions at

@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg
 
 __all__ = [
     "RadiusThresholds",
@@ -152,25 +151,22 @@ def coordinate_curvature(basis: jax.Array, curvatures: jax.Array, ridge: float =
     The model of a diagonal H, ``C_i = Σ_j ξ_ij² h_j``, i.e. ``C = W h`` with
     ``W_ij = ξ_ij²``, solved in ridge least squares,
     ``h = argmin ‖W h − C‖² + λ‖h‖² = Wᵀ (W Wᵀ + λI)⁻¹ C`` with
-    ``λ = ridge·‖W‖²_F / d``. Computed without forming ``W Wᵀ``, whose condition number is
-    cond(W)² (W of a random orthonormal basis: cond ≈ 20 at d = 8, ≈ 2000 at d = 100, with a
-    heavy tail, so cond(W)² passes float32's 1/ε): with the QR factorization ``Wᵀ = QR``,
-    ``h = Q y`` where y is the ridge solution of ``Rᵀ y ≈ C``, itself from the QR of
-    ``[Rᵀ; √λ I]`` (rounding ε·cond(W); memory O(k·d), as the basis). Exact for a diagonal H
-    and a full basis, up to that rounding; with k < d the minimum-norm fit. NaN where a C_i
-    is not finite."""
+    ``λ = ridge·‖W‖²_F / d``, computed from the thin SVD ``W = U S Vᵀ`` as
+    ``h = V diag(s / (s² + λ)) Uᵀ C`` (memory O(k·d), as the basis). The SVD keeps the
+    rounding error at ``ε·cond(W)`` where forming ``W Wᵀ`` squares the condition number:
+    W of a random orthonormal basis is ill-conditioned (cond(W) ≈ 20 at d = 8, ≈ 2000 at
+    d = 100, with a heavy tail), so ``cond(W)²`` exceeds float32's 1/ε. Exact for a
+    diagonal H and a full basis, up to that rounding; with k < d the minimum-norm fit. NaN
+    where a C_i is not finite."""
     weights = basis * basis
-    k, dim = weights.shape
+    dim = basis.shape[1]
     finite = jnp.all(jnp.isfinite(curvatures))
     c = jnp.where(jnp.isfinite(curvatures), curvatures, 0.0)
     hp = jax.lax.Precision.HIGHEST
-    q, r = jnp.linalg.qr(weights.T)  # Wᵀ = QR: d × k, k × k
-    lam = ridge * jnp.sum(weights * weights) / dim
-    stacked = jnp.concatenate([r.T, jnp.sqrt(lam) * jnp.eye(k, dtype=weights.dtype)])
-    q_stacked, r_stacked = jnp.linalg.qr(stacked)  # min ‖Rᵀy − C‖² + λ‖y‖²
-    rhs = jnp.matmul(c, q_stacked[:k], precision=hp)
-    y = jax.scipy.linalg.solve_triangular(r_stacked, rhs, lower=False)
-    estimate = jnp.matmul(q, y, precision=hp)
+    left, singular, right = jnp.linalg.svd(weights, full_matrices=False)
+    lam = ridge * jnp.sum(singular**2) / dim
+    filtered = singular / (singular**2 + lam) * jnp.matmul(c, left, precision=hp)
+    estimate = jnp.matmul(filtered, right, precision=hp)
     return jnp.where(finite, estimate, jnp.nan)
 
 
