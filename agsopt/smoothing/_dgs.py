@@ -518,10 +518,10 @@ def dgs_blackbox(
     the radius rule on the main direction's smoothness ratio (``radius_ratio="main"``) and
     the anisotropic metric (``anisotropic=True``; a thin SVD of a k × d matrix per step,
     k ≤ 4096). Measured on the black-box protocol (README "Black-box benchmark"): the
-    3-node lateral directions with the main-direction ratio need 0.38–0.74× the
-    evaluations of ASGF's 5 nodes everywhere and largest ratio on the 16 test functions at
-    d = 10; the metric 11–18× fewer evaluations on diagonal ill-conditioned functions and
-    up to 1.24× more on a rotated one.
+    3-node lateral directions with the main-direction ratio need 0.38–0.98× the
+    evaluations of ASGF's 5 nodes everywhere and largest ratio on 15 of the 16 test
+    functions at d = 10 and 1.04× on Rosenbrock; the metric 10–17× fewer evaluations on
+    diagonal ill-conditioned functions, within 0.96–1.03× of one radius elsewhere.
 
     Like :func:`dgs`'s default, its update is the step itself: apply it with
     ``optax.apply_updates``, do not chain an optimizer after it (that negates it).
