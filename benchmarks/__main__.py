@@ -9,6 +9,9 @@ The committed reports the README links (``benchmarks/results/``) are written onl
 ``--device-suite`` is the accelerator check: ``estimators`` and ``sam_steps`` in full mode
 into ``benchmarks/results/device/<device>/``; it refuses to run on CPU.
 
+A run that seems stuck can be asked where it is: ``kill -USR1 <pid>`` prints every thread's
+Python stack to stderr (``faulthandler``; POSIX only) and the run goes on.
+
 To add a benchmark, write a module with ``run(quick: bool) -> dict`` (a report from
 :func:`benchmarks.common.make_report`) and add it to ``BENCHMARKS`` below.
 """
@@ -16,8 +19,10 @@ To add a benchmark, write a module with ``run(quick: bool) -> dict`` (a report f
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,6 +116,8 @@ def output_folder(args: argparse.Namespace, env: dict[str, Any]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):  # kill -USR1 <pid>: every thread's stack, the run goes on
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     quick = bool(args.quick)
     mode = "quick" if quick else "full"
     env = common.environment()
