@@ -119,19 +119,20 @@ def evaluations_per_step(
     """Function evaluations of one :func:`directional_value_and_grad`:
     ``(M − 1) + (k − 1)(M' − 1) + 1`` (M nodes on the first direction, M' =
     ``lateral_nodes`` on the others; ``k (M − 1) + 1`` when M' = M)."""
-    counts = _node_counts(int(num_directions), num_nodes, lateral_nodes)
-    return sum(rows * (nodes - 1) for rows, nodes in counts) + 1
+    groups = _node_groups(int(num_directions), num_nodes, lateral_nodes)
+    return sum((rows.stop - rows.start) * (nodes - 1) for rows, nodes in groups) + 1
 
 
-def _node_counts(k: int, num_nodes: int, lateral_nodes: int | None) -> list[tuple[int, int]]:
-    """``[(rows, nodes), ...]``: the directions in order, grouped by their node count."""
+def _node_groups(k: int, num_nodes: int, lateral_nodes: int | None) -> list[tuple[slice, int]]:
+    """``[(rows, nodes), ...]``: the k directions in order, as slices of rows sharing a node
+    count (the first direction alone where ``lateral_nodes`` differs from ``num_nodes``)."""
     num_nodes = _check_num_nodes(num_nodes)
     lateral = num_nodes
     if lateral_nodes is not None:
         lateral = _check_num_nodes(lateral_nodes, "lateral_nodes")
     if lateral == num_nodes or k == 1:
-        return [(k, num_nodes)]
-    return [(1, num_nodes), (k - 1, lateral)]
+        return [(slice(0, k), num_nodes)]
+    return [(slice(0, 1), num_nodes), (slice(1, k), lateral)]
 
 
 def directional_basis(
@@ -203,13 +204,11 @@ def directional_points(
     k = directions.shape[0]
     dtype = jnp.result_type(x.dtype, jnp.float32)
     radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
-    rows, first = [x[None].astype(dtype)], 0
-    for count, nodes in _node_counts(k, num_nodes, lateral_nodes):
-        group = slice(first, first + count)
+    rows = [x[None].astype(dtype)]
+    for group, nodes in _node_groups(k, num_nodes, lateral_nodes):
         offsets = _offsets(nodes, dtype)[None, :, None]
         shifts = offsets * radii[group, None, None] * directions[group, None]
         rows.append((x + shifts).reshape(-1, x.shape[0]))
-        first += count
     flat = jnp.concatenate(rows).astype(x.dtype)
     return jax.vmap(lambda row: tree_unflatten_vector(row, params))(flat)
 
@@ -358,7 +357,7 @@ def directional_estimate(
         raise ValueError(
             f"directions must have d = {x.shape[0]} columns, got shape {directions.shape}"
         )
-    groups = _node_counts(k, num_nodes, lateral_nodes)
+    groups = _node_groups(k, num_nodes, lateral_nodes)
     dtype = jnp.result_type(x.dtype, jnp.float32)
     directions = directions.astype(dtype)
     radii = jnp.broadcast_to(jnp.asarray(radii, dtype), (k,))
@@ -382,9 +381,9 @@ def directional_estimate(
         center = values[0]
     else:
         center = jnp.asarray(fn(params), dtype)
-    parts, first, read = [], 0, 1
-    for rows, nodes in groups:
-        group = slice(first, first + rows)
+    parts, read = [], 1  # read: the first tabulated value of the group
+    for group, nodes in groups:
+        rows = group.stop - group.start
         if isinstance(table, TabulatedValues):
             side_values = values[read : read + rows * (nodes - 1)].reshape(rows, nodes - 1)
         else:
@@ -392,7 +391,7 @@ def directional_estimate(
             along = functools.partial(values_along, _offsets(nodes, dtype))
             side_values = jax.lax.map(along, (directions[group], radii[group]), batch_size=batch)
         parts.append(_quadrature(center, side_values, nodes, directions[group], radii[group]))
-        first, read = first + rows, read + rows * (nodes - 1)
+        read += rows * (nodes - 1)
 
     def joined(field: str) -> jax.Array:
         return jnp.concatenate([getattr(part, field) for part in parts])
