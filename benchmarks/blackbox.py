@@ -224,7 +224,9 @@ ANISOTROPY_ROWS: tuple[tuple[str, int], ...] = tuple(
 """Issue 17's anisotropy comparison: the anisotropic and the one-radius preset on the same
 starts, rugged, rotated and ill-conditioned functions included (d = 10)."""
 ANISOTROPY_BUDGET = 300_000
-ANISOTROPY_METHODS = ("dgs", "dgs-isotropic", "dgs-asgf")
+ANISOTROPY_METHODS = ("dgs", "dgs-isotropic", "dgs-asgf", "dgs-full")
+ROTATED_ILL_CONDITIONED = ("rotated_ellipsoid", "rotated_rugged_ellipsoid")
+"""Where only a metric that is not tied to the axes can learn the conditioning."""
 
 
 def _comparison(
@@ -286,6 +288,9 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[di
             notes=["success rate, mean evaluations to success; ratio = anisotropic / one radius"],
         )
     ]
+    full_tables, full_targets = _full_metric_table(records)
+    tables += full_tables
+    targets += full_targets
     labels = ("dgs", "ASGF's nodes and rule")
     rows, ratios = _comparison(records, "dgs", "dgs-asgf", labels)
     if rows:
@@ -309,6 +314,54 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[di
             )
         )
     return tables, targets
+
+
+def _full_metric_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """The full metric (dgs-full) over one radius and over the diagonal metric (dgs), with
+    its targets: ≤ 0.8× one radius on both rotated ill-conditioned functions, never > 1.25×
+    one radius (nor a lower success rate)."""
+    labels = ("full metric", "one radius")
+    rows, ratios = _comparison(records, "dgs-full", "dgs-isotropic", labels)
+    if not rows:
+        return [], []
+    diagonal, _ = _comparison(records, "dgs-full", "dgs", ("full metric", "diagonal metric"))
+    by_function = {r["function"]: r for r in diagonal}
+    for row in rows:
+        other = by_function.get(row["function"], {})
+        row["ratio to one radius"] = row.pop("ratio")
+        row["diagonal metric"] = other.get("diagonal metric")
+        row["ratio to diagonal"] = other.get("ratio")
+    rotated = [
+        (r["ratio to one radius"], r["function"])
+        for r in rows
+        if r["function"] in ROTATED_ILL_CONDITIONED
+    ]
+    rotated_ok = len(rotated) == len(ROTATED_ILL_CONDITIONED) and all(
+        ratio is not None and ratio <= 0.8 for ratio, _ in rotated
+    )
+    worst = max((r for r, _ in ratios if r is not None), default=None)
+    targets = [
+        common.target(
+            "full metric ≤ 0.8× the one-radius preset on the rotated ill-conditioned "
+            f"functions ({', '.join(ROTATED_ILL_CONDITIONED)})",
+            rotated_ok,
+            ", ".join(f"{name} {ratio}" for ratio, name in rotated),
+        ),
+        common.target(
+            "full metric never > 1.25× the one-radius preset (nor a lower success rate)",
+            worst is not None and worst <= 1.25 and not any(worse for _, worse in ratios),
+            f"largest ratio {worst if worst is None else round(worst, 2)}",
+        ),
+    ]
+    columns = ["function", "one radius", "diagonal metric", "full metric"]
+    table = common.make_table(
+        "Full metric: dgs-full (metric='full', Σ = s² A²) against one radius and the "
+        f"diagonal metric, d = 10, budget {ANISOTROPY_BUDGET}",
+        [*columns, "ratio to one radius", "ratio to diagonal"],
+        rows,
+        notes=["success rate, mean evaluations to success; ratios of mean evaluations"],
+    )
+    return [table], targets
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -270,6 +270,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     num_nodes = dgs_kwargs.get("num_nodes", 5)
     lateral_nodes = dgs_kwargs.get("lateral_nodes")
     key_data, key_impl = key_for_state(dgs_kwargs.get("key", 0))
+    full_metric = bool(dgs_kwargs.get("anisotropic")) and dgs_kwargs.get("metric") == "full"
 
     def own_state(state: Any) -> DGSState:
         if not isinstance(state, DGSState):
@@ -297,7 +298,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
 
     def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
         own = own_state(state)
-        check_state(own, params, key_data.shape)
+        check_state(own, params, key_data.shape, full_metric)
         batch = jax.tree.map(np.array, points_of(own, params))  # writable copies
         count = directional.evaluations_per_step(directions_of(own), num_nodes, lateral_nodes)
         return batch, Ticket(state, params, count)

@@ -18,8 +18,13 @@ diagonal Hessian (:func:`~agsopt.smoothing.adaptation.coordinate_curvature`), a 
 ``h^{-1/2}`` (``Σ ∝ H⁻¹``, the shape CMA-ES learns) at a rate weighted by how well the last
 fit predicts this step's curvatures (:func:`~agsopt.smoothing.adaptation.diagonal_fit`), and
 relaxes back towards 1 where it does not (ripples, a rotated Hessian). The step is taken in
-y: ``Δx = −lr·a ⊙ ∇_y`` (a diagonal preconditioner). Measured on the black-box protocol
-(README, "Black-box benchmark"): far fewer evaluations on ill-conditioned functions, within
+y: ``Δx = −lr·a ⊙ ∇_y`` (a diagonal preconditioner). With ``metric="full"`` the metric is
+``Σ = s² A²``, A a symmetric d × d matrix (x = A y): a Hessian model Ĥ is updated each step
+by projection onto the measured curvatures and the secant pair of consecutive gradients
+(:func:`~agsopt.smoothing.adaptation.adapt_full_metric`), A moves towards ``Ĥ^{-1/2}`` under
+the same trust rule, and nothing depends on the coordinate axes (rotation invariant, as
+CMA-ES). Measured on the black-box protocol (README, "Black-box benchmark"): far fewer
+evaluations on ill-conditioned functions (the full metric on rotated ones as well), within
 a few per cent elsewhere.
 """
 
@@ -51,6 +56,10 @@ __all__ = ["DGSState", "dgs", "dgs_blackbox"]
 PyTree = Any
 STEPS = ("curvature", "lipschitz", "gradient")
 RADIUS_RATIOS = ("all", "main")
+METRICS = ("diagonal", "full")
+MAX_FULL_METRIC_DIM = 1024
+"""The largest d with ``metric="full"`` (a d × d metric, three d × d eigendecompositions a
+step)."""
 MAX_METRIC_DIRECTIONS = 4096
 """The most directions k with ``anisotropic=True`` (its fit is a thin SVD of a k × d matrix)."""
 
@@ -69,9 +78,16 @@ class DGSState(NamedTuple):
       best_value: the smallest finite value of f seen at any evaluated point (+inf at first).
       best_params: where it was seen.
       best_radius: the radius when it was seen (a restart from the best point resumes it).
-      scales: a, the per-coordinate scales of the metric (ones when isotropic).
-      coordinate_curvature: the last diagonal fit of the curvature, in x (zeros before it).
-      metric_fit: running R² of that fit on fresh directions (0–1; the metric's learning rate).
+      scales: the metric's square root: a, the per-coordinate scales (ones when
+        isotropic), or with ``metric="full"`` the symmetric d × d matrix A (x = A y).
+      coordinate_curvature: the curvature model in x: the last diagonal fit (zeros before
+        it), or with ``metric="full"`` the d × d Hessian model Ĥ.
+      metric_fit: running R² of that model on fresh directions (0–1; the metric's learning
+        rate).
+      last_params: with ``metric="full"`` the last iterate, flattened (the secant pair's
+        start); shape (0,) otherwise.
+      last_gradient: with ``metric="full"`` the smoothed gradient in x there (NaN before the
+        first step); shape (0,) otherwise.
       restarts_left: resets of the radius left before a restart from the best point.
       value: f at the last iterate (NaN before the first step).
       stop: True once a step was shorter than the tolerance: later updates are zero.
@@ -99,6 +115,16 @@ class DGSState(NamedTuple):
     num_evaluations: jax.Array
     num_nonfinite: jax.Array
     num_skipped: jax.Array
+    last_params: jax.Array
+    last_gradient: jax.Array
+
+
+def apply_root(scales: jax.Array, vectors: jax.Array) -> jax.Array:
+    """``a ⊙ v`` (diagonal metric) or ``A v`` (full; A is symmetric) for each vector v along
+    the last axis of ``vectors``: from y to x for a step, from ∇_x to ∇_y for a gradient."""
+    if scales.ndim == 1:
+        return vectors * scales
+    return jnp.matmul(vectors, scales, precision=jax.lax.Precision.HIGHEST)
 
 
 def step_directions(
@@ -113,7 +139,7 @@ def step_directions(
     basis = directional_basis(
         step_key, dim, num_directions, first=state.direction, dtype=state.direction.dtype
     )
-    directions = basis * state.scales[None, :]
+    directions = apply_root(state.scales, basis)
     return next_key, basis, directions, jnp.broadcast_to(state.radius, (num_directions,))
 
 
@@ -124,6 +150,7 @@ def dgs(
     num_nodes: int = 5,
     lateral_nodes: int | None = None,
     anisotropic: bool = False,
+    metric: str = "diagonal",
     step: str = "curvature",
     radius_ratio: str = "all",
     min_radius: float | None = None,
@@ -162,8 +189,8 @@ def dgs(
     ``step="gradient"`` (chain it in front of ``optax.sgd``/``optax.adam``): the update is
     the smoothed gradient; the radius adapts and resets as above, the iterate is never moved.
     With ``anisotropic=True`` the gradient ∇ above is ``∇_y`` in the scaled coordinates, the
-    step is ``−lr·a ⊙ ∇_y`` and ``step="gradient"`` returns the smoothed gradient in x,
-    ``∇_y / a``.
+    step is ``−lr·a ⊙ ∇_y`` (``−lr·A∇_y`` with ``metric="full"``) and ``step="gradient"``
+    returns the smoothed gradient in x, ``∇_y / a`` (``A⁻¹∇_y``).
 
     Every step keeps the best point seen (``state.best_params``/``best_value``, among all
     evaluated points: no extra evaluation) and sets ``state.stop`` once an update is shorter
@@ -187,6 +214,12 @@ def dgs(
         memory O(k·d)),
         or smooth isotropically (False, ASGF's smoothing; :func:`dgs_blackbox` defaults to
         True).
+      metric: the form of the learned metric with ``anisotropic=True``: "diagonal"
+        (per-coordinate scales a, memory O(d); learns axis-aligned ill-conditioning in a
+        step or two) or "full" (a symmetric d × d root A from a Hessian model, d ≤ 1024,
+        memory O(d²) and three d × d eigendecompositions a step; invariant under rotations
+        of the coordinates, so it learns rotated ill-conditioning too, but it needs about
+        d/2 steps where "diagonal" needs one).
       step: "curvature", "lipschitz" or "gradient" (above).
       radius_ratio: "all" (ASGF: the radius shrinks when every direction's ``|D_i|/L_i``
         is below the lower threshold) or "main" (when the main direction's is).
@@ -202,8 +235,8 @@ def dgs(
     The radius is read by ``init`` (then adapted in the state): injecting it with
     ``optax.inject_hyperparams`` changes nothing after ``init``. Under
     ``optax.inject_hyperparams`` name ``num_directions``, ``num_nodes``, ``lateral_nodes``,
-    ``anisotropic``, ``step``, ``radius_ratio``, ``restarts`` and ``chunk_size`` in
-    ``static_args``.
+    ``anisotropic``, ``metric``, ``step``, ``radius_ratio``, ``restarts`` and ``chunk_size``
+    in ``static_args``.
     """
     if not callable(radius):
         _check_number("radius", radius)
@@ -212,6 +245,12 @@ def dgs(
         lateral_nodes = _check_num_nodes(lateral_nodes, "lateral_nodes")
     radius_ratio = validation.check_choice("radius_ratio", radius_ratio, RADIUS_RATIOS)
     anisotropic = validation.check_bool("anisotropic", anisotropic)
+    metric = validation.check_choice("metric", metric, METRICS)
+    if metric == "full" and not anisotropic:
+        raise ValueError(
+            'metric="full" is the form of the learned metric: it needs anisotropic=True'
+        )
+    full = anisotropic and metric == "full"
     step = validation.check_choice("step", step, STEPS)
     if num_directions is not None:
         num_directions = validation.check_int("num_directions", num_directions, minimum=1)
@@ -245,6 +284,11 @@ def dgs(
                 f"{dim}) is more than {MAX_METRIC_DIRECTIONS}: pass num_directions ≤ "
                 f"{MAX_METRIC_DIRECTIONS} or anisotropic=False"
             )
+        if full and dim > MAX_FULL_METRIC_DIM:
+            raise ValueError(
+                f'metric="full" keeps a d × d metric; d = {dim} is more than '
+                f'{MAX_FULL_METRIC_DIM}: use metric="diagonal"'
+            )
         dtype = jnp.result_type(_flatten(params).dtype, jnp.float32)
         s0 = radius
         if callable(radius):
@@ -262,8 +306,8 @@ def dgs(
             best_value=jnp.full([], jnp.inf, dtype),
             best_params=jax.tree.map(jnp.array, params),
             best_radius=jnp.asarray(s0, dtype),
-            scales=jnp.ones((dim,), dtype),
-            coordinate_curvature=jnp.zeros((dim,), dtype),
+            scales=jnp.eye(dim, dtype=dtype) if full else jnp.ones((dim,), dtype),
+            coordinate_curvature=jnp.zeros((dim, dim) if full else (dim,), dtype),
             metric_fit=jnp.zeros([], dtype),
             restarts_left=jnp.asarray(restarts, jnp.int32),
             value=jnp.full([], jnp.nan, dtype),
@@ -271,6 +315,8 @@ def dgs(
             num_evaluations=jnp.zeros([], jnp.int32),
             num_nonfinite=jnp.zeros([], jnp.int32),
             num_skipped=jnp.zeros([], jnp.int32),
+            last_params=jnp.zeros((dim if full else 0,), dtype),
+            last_gradient=jnp.full((dim if full else 0,), jnp.nan, dtype),
         )
 
     def update_fn(updates, state: DGSState, params=None, *, value_fn=None, **extra_args):
@@ -279,7 +325,7 @@ def dgs(
             raise ValueError("agsopt.dgs needs params (the point at which to estimate)")
         value_fn = validation.require_value_fn(value_fn, "agsopt.dgs")
         check_masked_value_fn(value_fn, params, "agsopt.dgs")
-        check_state(state, params, key_data.shape)
+        check_state(state, params, key_data.shape, full)
         dim = state.direction.shape[0]
         k = dim if num_directions is None else num_directions
         dtype = state.direction.dtype
@@ -319,10 +365,16 @@ def dgs(
             lr = adaptation.curvature_learning_rate(
                 est.curvatures[0], jnp.sqrt(jnp.sum(grad_flat * grad_flat)), state.radius, lr
             )
-        if step == "gradient":
-            step_flat = grad_flat / state.scales
+        x_flat = _flatten(params).astype(dtype)
+        if full:
+            root_inverse = adaptation.root_factors(state.scales)[0]
+            grad_x = apply_root(root_inverse, grad_flat)
         else:
-            step_flat = -lr * state.scales * grad_flat
+            grad_x = grad_flat / state.scales
+        if step == "gradient":
+            step_flat = grad_x
+        else:
+            step_flat = -lr * apply_root(state.scales, grad_flat)
         step_norm = lr * jnp.sqrt(jnp.sum(grad_flat * grad_flat))
 
         # Radius and metric.
@@ -331,7 +383,18 @@ def dgs(
         radius, thresholds = adaptation.adapt_radius(state.radius, ratio, state.thresholds)
         radius = jnp.clip(radius, s_min, s_max)
         scales, curvature, fit = state.scales, state.coordinate_curvature, state.metric_fit
-        if anisotropic:
+        if full:
+            scales, curvature, fit = adaptation.adapt_full_metric(
+                scales,
+                curvature,
+                fit,
+                basis,
+                est.curvatures,
+                x_flat - state.last_params,
+                grad_x - state.last_gradient,
+                ok,
+            )
+        elif anisotropic:
             scales, curvature, fit = adaptation.adapt_metric(
                 scales, curvature, fit, basis, est.curvatures, ok
             )
@@ -343,7 +406,7 @@ def dgs(
         radius = jnp.where(reset, jnp.where(to_best, best_radius, s0), radius)
         thresholds = jax.tree.map(lambda a, b: jnp.where(reset, a, b), fresh, thresholds)
         lipschitz = jnp.where(reset, jnp.full_like(lipschitz, l0), lipschitz)
-        direction = jnp.where(reset, jnp.zeros_like(grad_flat), grad_flat * scales / state.scales)
+        direction = jnp.where(reset, jnp.zeros_like(grad_flat), apply_root(scales, grad_x))
         restarts_left = jnp.where(
             ok & collapsed & (state.restarts_left >= 0),
             state.restarts_left - 1,
@@ -356,7 +419,6 @@ def dgs(
         lipschitz = jnp.where(ok, lipschitz, state.lipschitz)
         direction = jnp.where(ok, direction, state.direction)
         jump = (to_best | ~ok) & jnp.isfinite(best_value)
-        x_flat = _flatten(params).astype(dtype)
         best_flat = _flatten(best_params).astype(dtype)
         if step != "gradient":
             move = jnp.where(jump, best_flat - x_flat, jnp.where(ok, step_flat, 0.0))
@@ -387,6 +449,10 @@ def dgs(
             num_evaluations=_saturating_add(state.num_evaluations, est.num_evaluations),
             num_nonfinite=_saturating_add(state.num_nonfinite, est.num_nonfinite),
             num_skipped=_saturating_add(state.num_skipped, (~ok).astype(jnp.int32)),
+            last_params=jnp.where(ok, x_flat, state.last_params) if full else state.last_params,
+            last_gradient=jnp.where(ok, grad_x, state.last_gradient)
+            if full
+            else state.last_gradient,
         )
         # Once stopped nothing moves and the state is kept, but the calls made are counted.
         kept = jax.tree.map(lambda old, new: jnp.where(state.stop, old, new), state, new_state)
@@ -415,10 +481,10 @@ def _check_lr_bounds(lr_bounds: Any) -> tuple[float, float]:
     return lr_min, lr_max
 
 
-def check_state(state: Any, params: PyTree, key_shape: tuple[int, ...]) -> None:
+def check_state(state: Any, params: PyTree, key_shape: tuple[int, ...], full: bool = False) -> None:
     """Trace-time check that ``state`` is a :class:`DGSState` made by a ``dgs`` with a key of
-    ``key_shape`` for parameters shaped like ``params`` (e.g. not a checkpoint restored into
-    parameters of another size)."""
+    ``key_shape`` (and the full metric if ``full``) for parameters shaped like ``params``
+    (e.g. not a checkpoint restored into parameters of another size)."""
     validation.check_state_fields(state, DGSState, "agsopt.dgs")
     if tuple(jnp.shape(state.key)) != tuple(key_shape):
         raise ValueError(
@@ -435,6 +501,12 @@ def check_state(state: Any, params: PyTree, key_shape: tuple[int, ...]) -> None:
             f"restored into parameters of another size): its best_params have shapes "
             f"{shapes(state.best_params)}, these params {shapes(params)}. Re-initialize it "
             "with init(params)."
+        )
+    if (jnp.ndim(state.scales) == 2) != full:
+        made, this = ("a diagonal or no", "a full") if full else ("a full", "a diagonal or no")
+        raise ValueError(
+            f"agsopt.dgs: the state was made by a dgs with {made} metric, this dgs has "
+            f"{this} metric (metric=...): re-initialize it with this dgs's init(params)"
         )
 
 
@@ -505,6 +577,7 @@ def dgs_blackbox(
     num_nodes: int = 5,
     lateral_nodes: int | None = 3,
     anisotropic: bool = True,
+    metric: str = "diagonal",
     step: str = "curvature",
     radius_ratio: str = "main",
     restarts: int = 2,
@@ -541,6 +614,7 @@ def dgs_blackbox(
         num_nodes=num_nodes,
         lateral_nodes=lateral_nodes,
         anisotropic=anisotropic,
+        metric=metric,
         step=step,
         radius_ratio=radius_ratio,
         restarts=restarts,

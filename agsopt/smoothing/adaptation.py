@@ -20,6 +20,11 @@ the library's convention (perturbation ``s·u``, ``u ~ N(0, 1)``); ASGF's are �
   :func:`adapt_metric`: the anisotropic metric ``Σ = s² diag(a)²`` — a diagonal Hessian
   fitted to the directional curvatures, a ∝ h^{-1/2} followed as far as that fit predicts
   fresh directions (the anisotropy of AGS, arXiv:2411.11747, learned from the function).
+- :func:`root_factors`, :func:`sketch_hessian`, :func:`secant_hessian`,
+  :func:`adapt_root`, :func:`adapt_full_metric`: the full metric ``Σ = s² A²`` (A
+  symmetric): a Hessian model updated by projections onto the measured directional
+  curvatures and the secant pair of consecutive gradients, A ∝ Ĥ^{-1/2} followed as far as
+  the model predicts fresh directions. Invariant under rotations of the coordinates.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import jax.numpy as jnp
 
 __all__ = [
     "RadiusThresholds",
+    "adapt_full_metric",
     "adapt_metric",
     "adapt_radius",
+    "adapt_root",
     "adapt_scales",
     "average_lipschitz",
     "coordinate_curvature",
@@ -43,6 +50,9 @@ __all__ = [
     "lipschitz_learning_rate",
     "metric_step",
     "r_squared",
+    "root_factors",
+    "secant_hessian",
+    "sketch_hessian",
     "smoothness_ratio",
 ]
 
@@ -284,3 +294,150 @@ def adapt_metric(
     r2 = diagonal_fit(basis, curvatures, curvature * scales**2)
     h_y = coordinate_curvature(basis, curvatures)
     return metric_step(scales, curvature, fit, h_y, r2, ok, DGS_FIT_THRESHOLD)
+
+
+# --------------------------------------------------------------------------------------
+# The full metric Σ = s² A² (A symmetric positive definite, det A = 1)
+# --------------------------------------------------------------------------------------
+
+FULL_METRIC_SPAN = 1e4
+""":func:`adapt_root`'s floor on the model's curvatures, as a fraction of the largest (in x,
+where the diagonal rule's ``span = 100`` applies to the scaled coordinates y: the same reach
+as its ``a ∈ [1/10, 10]``, 10⁴ in curvature)."""
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _from_eigen(vectors: jax.Array, values: jax.Array) -> jax.Array:
+    """``U diag(values) Uᵀ``."""
+    return _matmul(vectors * values, vectors.T)
+
+
+def root_factors(root: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(A⁻¹, log A)`` of a symmetric positive definite A, from one eigendecomposition."""
+    values, vectors = jnp.linalg.eigh(root)
+    return _from_eigen(vectors, 1.0 / values), _from_eigen(vectors, jnp.log(values))
+
+
+def sketch_hessian(
+    hessian: jax.Array, directions: jax.Array, duals: jax.Array, curvatures: jax.Array
+) -> jax.Array:
+    """The Hessian model Ĥ (in x) projected onto the measured curvatures ``C_i = v_iᵀHv_i``.
+
+    ``directions`` holds the rows ``v_i = A ξ_i`` (ξ_i orthonormal), ``duals`` the rows
+    ``w_i = A⁻¹ ξ_i`` (``v_iᵀ w_j = δ_ij``). The smallest change of ``AĤA`` in the Frobenius
+    norm that makes every ``v_iᵀĤv_i = C_i``:
+
+        Ĥ ← Ĥ + Σ_i (C_i − v_iᵀĤv_i) w_i w_iᵀ,
+
+    a sketch-and-project (randomized Kaczmarz) step towards H: with fresh orthonormal ξ each
+    step, the error of a quadratic's model shrinks by about ``1 − 2k / (d(d + 1))`` in
+    expectation. Kept where a C_i is not finite."""
+    predicted = jnp.sum(_matmul(directions, hessian) * directions, axis=1)
+    finite = jnp.all(jnp.isfinite(curvatures))
+    residual = jnp.where(finite, curvatures - predicted, 0.0)
+    updated = hessian + _matmul(duals.T * residual, duals)
+    return jnp.where(finite, 0.5 * (updated + updated.T), hessian)
+
+
+def secant_hessian(
+    hessian: jax.Array,
+    root: jax.Array,
+    root_inverse: jax.Array,
+    step: jax.Array,
+    gradient_change: jax.Array,
+) -> jax.Array:
+    """The Hessian model Ĥ (in x) updated to the secant pair ``Ĥ Δx = Δg`` of two
+    consecutive smoothed gradients: Powell's symmetric Broyden (PSB) update, the smallest
+    symmetric change of ``AĤA`` in the Frobenius norm, in the scaled coordinates
+    ``u = A⁻¹Δx``, ``r = AΔg − AĤA u``:
+
+        AĤA ← AĤA + (r uᵀ + u rᵀ) / (uᵀu) − (rᵀu) u uᵀ / (uᵀu)².
+
+    Exact for a quadratic (its Gaussian smoothing has the same gradient). Kept where the pair
+    is not finite (e.g. before the second step) or ``Δx = 0``."""
+    u = _matmul(root_inverse, step)
+    scaled = _matmul(root, _matmul(hessian, root))
+    norm2 = jnp.sum(u * u)
+    residual = _matmul(root, gradient_change) - _matmul(scaled, u)
+    ok = jnp.all(jnp.isfinite(residual)) & jnp.all(jnp.isfinite(u)) & (norm2 > 0)
+    norm2 = jnp.where(ok, norm2, 1.0)
+    residual = jnp.where(ok, residual, 0.0)
+    u = jnp.where(ok, u, 0.0)
+    change = (jnp.outer(residual, u) + jnp.outer(u, residual)) / norm2
+    change = change - jnp.dot(residual, u) * jnp.outer(u, u) / norm2**2
+    updated = _matmul(root_inverse, _matmul(scaled + change, root_inverse))
+    return jnp.where(ok, 0.5 * (updated + updated.T), hessian)
+
+
+def adapt_root(
+    log_root: jax.Array,
+    hessian: jax.Array,
+    rate: jax.Array | float,
+    relax: jax.Array | float = 0.0,
+    *,
+    max_ratio: float = 10.0,
+    span: float = FULL_METRIC_SPAN,
+) -> jax.Array:
+    """One step of the metric's square root A towards ``A ∝ Ĥ^{-1/2}``, in log space: with
+    ``Ĥ = U diag(h) Uᵀ`` and ``h⁺ = max(h, max_j h_j / span)``
+
+        log A ← (1 − relax − rate)·log A − (rate/2)·U diag(log h⁺ − mean log h⁺) Uᵀ,
+
+    then traced to 0 (det A = 1: the radius keeps its meaning) and its eigenvalues clipped
+    to ``[−log max_ratio, log max_ratio]``; returns the new A. :func:`adapt_scales`'s rule
+    for a matrix (the same for a diagonal Ĥ, with the floor taken in x). Where every
+    ``h_j ≤ 0`` or one is not finite only the relaxation applies."""
+    dim = log_root.shape[0]
+    values, vectors = jnp.linalg.eigh(hessian)
+    top = jnp.max(values)
+    usable = jnp.all(jnp.isfinite(values)) & (top > 0)
+    log_h = jnp.log(jnp.where(usable, jnp.maximum(values, top / span), 1.0))
+    target = _from_eigen(vectors, -0.5 * (log_h - jnp.mean(log_h)))
+    rate = jnp.where(usable, rate, 0.0)
+    new_log = (1.0 - relax - rate) * log_root + rate * target
+    new_log = new_log - jnp.trace(new_log) / dim * jnp.eye(dim, dtype=log_root.dtype)
+    values, vectors = jnp.linalg.eigh(0.5 * (new_log + new_log.T))
+    bound = math.log(max_ratio)
+    return _from_eigen(vectors, jnp.exp(jnp.clip(values, -bound, bound)))
+
+
+def adapt_full_metric(
+    root: jax.Array,
+    hessian: jax.Array,
+    fit: jax.Array,
+    basis: jax.Array,
+    curvatures: jax.Array,
+    step: jax.Array,
+    gradient_change: jax.Array,
+    ok: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step of :func:`agsopt.dgs`'s full metric ``Σ = s² A²``: ``(A, Ĥ, fit)``.
+
+    ``hessian`` is the model Ĥ in x (zeros before the first step), ``fit`` the running R²
+    of its predictions; ``basis`` this step's orthonormal rows ξ_i (the directions were
+    ``A ξ_i``), ``curvatures`` their measured C_i, ``(step, gradient_change)`` the secant pair
+    since the last step (in x; NaN before it). The R² with which Ĥ predicts the fresh C_i
+    (:func:`r_squared`) weights the step as in :func:`metric_step` (threshold
+    :data:`DGS_FIT_THRESHOLD`); Ĥ takes the secant update (:func:`secant_hessian`), then the
+    projection onto this step's curvatures (:func:`sketch_hessian`); A takes an
+    :func:`adapt_root` step. Everything is kept where ``ok`` is false."""
+    root_inverse, log_root = root_factors(root)
+    directions = _matmul(basis, root)
+    predicted = jnp.sum(_matmul(directions, hessian) * directions, axis=1)
+    r2 = r_squared(curvatures, predicted)
+    model = secant_hessian(hessian, root, root_inverse, step, gradient_change)
+    model = sketch_hessian(model, directions, _matmul(basis, root_inverse), curvatures)
+    new_fit = METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
+    trust = jnp.clip((new_fit - DGS_FIT_THRESHOLD) / (1.0 - DGS_FIT_THRESHOLD), 0.0, 1.0)
+    new_root = adapt_root(log_root, model, METRIC_RATE * trust, METRIC_RELAX * (1.0 - trust))
+    good = ok & jnp.all(jnp.isfinite(new_root)) & jnp.all(jnp.isfinite(model))
+    return (
+        jnp.where(good, new_root, root),
+        jnp.where(good, model, hessian),
+        jnp.where(ok, new_fit, fit),
+    )

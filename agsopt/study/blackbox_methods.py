@@ -388,6 +388,13 @@ METHODS: dict[str, Method] = {
             factory=dgs_preset(lateral_nodes=None, radius_ratio="all"),
         ),
         Method(
+            "dgs-full",
+            "dgs with the full metric Σ = s² A², A → Ĥ^(-1/2) from a Hessian model updated by "
+            "the measured curvatures and the secant pair (metric='full'; rotation invariant)",
+            library=True,
+            factory=dgs_preset(metric="full"),
+        ),
+        Method(
             "dgs-isotropic",
             "dgs with one radius for every direction (anisotropic=False, ASGF's smoothing)",
             library=True,
