@@ -201,7 +201,8 @@ _ENTRIES = (
     _alias(agsopt.igs_sgd, 11),
     _alias(agsopt.igs_adam, 12),
     # directional smoothing (black-box): the curvature and Lipschitz steps (final updates),
-    # the gradient form with a block of directions, chunked, anisotropic, and the box recipe
+    # the gradient form with a block of directions, chunked, with either metric, and the box
+    # recipe (the full metric at these sizes)
     Entry(
         "dgs",
         agsopt.dgs,
@@ -246,13 +247,19 @@ _ENTRIES = (
         static_args=("lower", "upper", *_DGS_STATIC),
     ),
     Entry(
-        "dgs_blackbox full metric",
-        agsopt.dgs_blackbox,
-        {"lower": -2.0, "upper": 2.0, "metric": "full", "key": 18},
+        "dgs gradient full metric block",
+        agsopt.dgs,
+        {
+            "radius": 0.3,
+            "step": "gradient",
+            "anisotropic": True,
+            "metric": "full",
+            "num_directions": 2,
+            "key": 18,
+        },
         ZERO_ORDER,
         random=True,
-        final_updates=True,
-        static_args=("lower", "upper", *_DGS_STATIC),
+        static_args=_DGS_STATIC,
     ),
     # the SAM family
     Entry("sam", agsopt.sam, {"rho": 0.05}, GRADIENT, axis_name=True, core=True),

@@ -52,9 +52,10 @@ from agsopt.smoothing._dgs import (
     dgs,
     dgs_blackbox,
     step_directions,
+    uses_full_metric,
 )
 from agsopt.smoothing.covariance_rules import CovarianceRule, get_rule
-from agsopt.tree_utils import key_for_state, split_state_key
+from agsopt.tree_utils import key_for_state, split_state_key, tree_size
 
 PyTree = Any
 
@@ -270,7 +271,8 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     num_nodes = dgs_kwargs.get("num_nodes", 5)
     lateral_nodes = dgs_kwargs.get("lateral_nodes")
     key_data, key_impl = key_for_state(dgs_kwargs.get("key", 0))
-    full_metric = bool(dgs_kwargs.get("anisotropic")) and dgs_kwargs.get("metric") == "full"
+    anisotropic = bool(dgs_kwargs.get("anisotropic", False))
+    metric = dgs_kwargs.get("metric", "diagonal")
 
     def own_state(state: Any) -> DGSState:
         if not isinstance(state, DGSState):
@@ -298,7 +300,8 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
 
     def ask_fn(state: Any, params: PyTree) -> tuple[PyTree, Ticket]:
         own = own_state(state)
-        check_state(own, params, key_data.shape, full_metric)
+        full = uses_full_metric(anisotropic, metric, tree_size(params))
+        check_state(own, params, key_data.shape, full)
         batch = jax.tree.map(np.array, points_of(own, params))  # writable copies
         count = directional.evaluations_per_step(directions_of(own), num_nodes, lateral_nodes)
         return batch, Ticket(state, params, count)

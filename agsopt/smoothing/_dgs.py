@@ -56,10 +56,22 @@ __all__ = ["DGSState", "dgs", "dgs_blackbox"]
 PyTree = Any
 STEPS = ("curvature", "lipschitz", "gradient")
 RADIUS_RATIOS = ("all", "main")
-METRICS = ("diagonal", "full")
+METRICS = ("diagonal", "full", "auto")
 MAX_FULL_METRIC_DIM = 1024
 """The largest d with ``metric="full"`` (a d × d metric, three d × d eigendecompositions a
 step)."""
+AUTO_FULL_METRIC_DIM = 128
+"""``metric="auto"`` is "full" up to this d and "diagonal" above it (at d = 100 a full-metric
+step's linear algebra takes about 2.5 ms on a 2-core CPU, 1.7× the diagonal one's)."""
+
+
+def uses_full_metric(anisotropic: bool, metric: str, dim: int) -> bool:
+    """Whether :func:`dgs` with these arguments keeps the full metric for d = ``dim``."""
+    if not anisotropic:
+        return False
+    return metric == "full" or (metric == "auto" and dim <= AUTO_FULL_METRIC_DIM)
+
+
 MAX_METRIC_DIRECTIONS = 4096
 """The most directions k with ``anisotropic=True`` (its fit is a thin SVD of a k × d matrix)."""
 
@@ -79,14 +91,15 @@ class DGSState(NamedTuple):
       best_params: where it was seen.
       best_radius: the radius when it was seen (a restart from the best point resumes it).
       scales: the metric's square root: a, the per-coordinate scales (ones when
-        isotropic), or with ``metric="full"`` the symmetric d × d matrix A (x = A y).
-      coordinate_curvature: the curvature model in x: the last diagonal fit (zeros before
-        it), or with ``metric="full"`` the d × d Hessian model Ĥ.
-      metric_fit: running R² of that model on fresh directions (0–1; the metric's learning
+        isotropic), or with the full metric the symmetric d × d matrix A (x = A y).
+      coordinate_curvature: the last diagonal fit of the curvature, in x (zeros before it).
+      metric_fit: running R² of that fit on fresh directions (0–1; the metric's learning
         rate).
-      last_params: with ``metric="full"`` the last iterate, flattened (the secant pair's
+      hessian: with the full metric the d × d Hessian model Ĥ in x; shape (0, 0) otherwise.
+      hessian_fit: running R² of Ĥ on fresh directions (0 without the full metric).
+      last_params: with the full metric the last iterate, flattened (the secant pair's
         start); shape (0,) otherwise.
-      last_gradient: with ``metric="full"`` the smoothed gradient in x there (NaN before the
+      last_gradient: with the full metric the smoothed gradient in x there (NaN before the
         first step); shape (0,) otherwise.
       restarts_left: resets of the radius left before a restart from the best point.
       value: f at the last iterate (NaN before the first step).
@@ -109,6 +122,8 @@ class DGSState(NamedTuple):
     scales: jax.Array
     coordinate_curvature: jax.Array
     metric_fit: jax.Array
+    hessian: jax.Array
+    hessian_fit: jax.Array
     restarts_left: jax.Array
     value: jax.Array
     stop: jax.Array
@@ -215,11 +230,12 @@ def dgs(
         or smooth isotropically (False, ASGF's smoothing; :func:`dgs_blackbox` defaults to
         True).
       metric: the form of the learned metric with ``anisotropic=True``: "diagonal"
-        (per-coordinate scales a, memory O(d); learns axis-aligned ill-conditioning in a
-        step or two) or "full" (a symmetric d × d root A from a Hessian model, d ≤ 1024,
-        memory O(d²) and three d × d eigendecompositions a step; invariant under rotations
-        of the coordinates, so it learns rotated ill-conditioning too, but it needs about
-        d/2 steps where "diagonal" needs one).
+        (per-coordinate scales a, memory O(d); learns ill-conditioning along the
+        coordinates in a step or two, not a rotated one), "full" (a symmetric d × d root A,
+        d ≤ 1024, memory O(d²), three d × d eigendecompositions and the diagonal fit a
+        step: a Hessian model that learns any H in about d/2 steps, competing with the
+        diagonal fit, see :func:`~agsopt.smoothing.adaptation.adapt_full_metric`) or "auto"
+        ("full" for d ≤ 128, "diagonal" above; :func:`dgs_blackbox`'s).
       step: "curvature", "lipschitz" or "gradient" (above).
       radius_ratio: "all" (ASGF: the radius shrinks when every direction's ``|D_i|/L_i``
         is below the lower threshold) or "main" (when the main direction's is).
@@ -246,11 +262,10 @@ def dgs(
     radius_ratio = validation.check_choice("radius_ratio", radius_ratio, RADIUS_RATIOS)
     anisotropic = validation.check_bool("anisotropic", anisotropic)
     metric = validation.check_choice("metric", metric, METRICS)
-    if metric == "full" and not anisotropic:
+    if metric != "diagonal" and not anisotropic:
         raise ValueError(
-            'metric="full" is the form of the learned metric: it needs anisotropic=True'
+            f"metric={metric!r} is the form of the learned metric: it needs anisotropic=True"
         )
-    full = anisotropic and metric == "full"
     step = validation.check_choice("step", step, STEPS)
     if num_directions is not None:
         num_directions = validation.check_int("num_directions", num_directions, minimum=1)
@@ -284,6 +299,7 @@ def dgs(
                 f"{dim}) is more than {MAX_METRIC_DIRECTIONS}: pass num_directions ≤ "
                 f"{MAX_METRIC_DIRECTIONS} or anisotropic=False"
             )
+        full = uses_full_metric(anisotropic, metric, dim)
         if full and dim > MAX_FULL_METRIC_DIM:
             raise ValueError(
                 f'metric="full" keeps a d × d metric; d = {dim} is more than '
@@ -307,8 +323,10 @@ def dgs(
             best_params=jax.tree.map(jnp.array, params),
             best_radius=jnp.asarray(s0, dtype),
             scales=jnp.eye(dim, dtype=dtype) if full else jnp.ones((dim,), dtype),
-            coordinate_curvature=jnp.zeros((dim, dim) if full else (dim,), dtype),
+            coordinate_curvature=jnp.zeros((dim,), dtype),
             metric_fit=jnp.zeros([], dtype),
+            hessian=jnp.zeros((dim, dim) if full else (0, 0), dtype),
+            hessian_fit=jnp.zeros([], dtype),
             restarts_left=jnp.asarray(restarts, jnp.int32),
             value=jnp.full([], jnp.nan, dtype),
             stop=jnp.zeros([], bool),
@@ -325,6 +343,7 @@ def dgs(
             raise ValueError("agsopt.dgs needs params (the point at which to estimate)")
         value_fn = validation.require_value_fn(value_fn, "agsopt.dgs")
         check_masked_value_fn(value_fn, params, "agsopt.dgs")
+        full = uses_full_metric(anisotropic, metric, tree_size(params))
         check_state(state, params, key_data.shape, full)
         dim = state.direction.shape[0]
         k = dim if num_directions is None else num_directions
@@ -383,11 +402,11 @@ def dgs(
         radius, thresholds = adaptation.adapt_radius(state.radius, ratio, state.thresholds)
         radius = jnp.clip(radius, s_min, s_max)
         scales, curvature, fit = state.scales, state.coordinate_curvature, state.metric_fit
+        hessian, hessian_fit = state.hessian, state.hessian_fit
         if full:
-            scales, curvature, fit = adaptation.adapt_full_metric(
-                scales,
-                curvature,
-                fit,
+            models = adaptation.FullMetric(scales, hessian, hessian_fit, curvature, fit)
+            scales, hessian, hessian_fit, curvature, fit = adaptation.adapt_full_metric(
+                models,
                 basis,
                 est.curvatures,
                 x_flat - state.last_params,
@@ -443,6 +462,8 @@ def dgs(
             scales=scales,
             coordinate_curvature=curvature,
             metric_fit=fit,
+            hessian=hessian,
+            hessian_fit=hessian_fit,
             restarts_left=restarts_left,
             value=est.value,
             stop=stop,
@@ -577,7 +598,7 @@ def dgs_blackbox(
     num_nodes: int = 5,
     lateral_nodes: int | None = 3,
     anisotropic: bool = True,
-    metric: str = "diagonal",
+    metric: str = "auto",
     step: str = "curvature",
     radius_ratio: str = "main",
     restarts: int = 2,

@@ -23,8 +23,8 @@ the library's convention (perturbation ``s·u``, ``u ~ N(0, 1)``); ASGF's are �
 - :func:`root_factors`, :func:`sketch_hessian`, :func:`secant_hessian`,
   :func:`adapt_root`, :func:`adapt_full_metric`: the full metric ``Σ = s² A²`` (A
   symmetric): a Hessian model updated by projections onto the measured directional
-  curvatures and the secant pair of consecutive gradients, A ∝ Ĥ^{-1/2} followed as far as
-  the model predicts fresh directions. Invariant under rotations of the coordinates.
+  curvatures and the secant pair of consecutive gradients, scored against the diagonal fit;
+  A moves towards the better model's ``^{-1/2}`` as far as it predicts fresh directions.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "RadiusThresholds",
+    "FullMetric",
     "adapt_full_metric",
     "adapt_metric",
     "adapt_radius",
@@ -406,38 +407,72 @@ def adapt_root(
     return _from_eigen(vectors, jnp.exp(jnp.clip(values, -bound, bound)))
 
 
+class FullMetric(NamedTuple):
+    """The full metric's state (:func:`adapt_full_metric`).
+
+    Attributes:
+      root: A, symmetric positive definite with det 1 (Σ = s² A², x = A y).
+      hessian: Ĥ, the Hessian model in x (zeros before the first step).
+      hessian_fit: running R² of Ĥ's predictions of fresh directional curvatures.
+      diagonal: the last diagonal fit h in x (:func:`coordinate_curvature` of the directions
+        ``A ξ_i``; zeros before the first step).
+      diagonal_fit: running R² of that fit's predictions.
+    """
+
+    root: jax.Array
+    hessian: jax.Array
+    hessian_fit: jax.Array
+    diagonal: jax.Array
+    diagonal_fit: jax.Array
+
+
 def adapt_full_metric(
-    root: jax.Array,
-    hessian: jax.Array,
-    fit: jax.Array,
+    metric: FullMetric,
     basis: jax.Array,
     curvatures: jax.Array,
     step: jax.Array,
     gradient_change: jax.Array,
     ok: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One step of :func:`agsopt.dgs`'s full metric ``Σ = s² A²``: ``(A, Ĥ, fit)``.
+) -> FullMetric:
+    """One step of :func:`agsopt.dgs`'s full metric ``Σ = s² A²``.
 
-    ``hessian`` is the model Ĥ in x (zeros before the first step), ``fit`` the running R²
-    of its predictions; ``basis`` this step's orthonormal rows ξ_i (the directions were
-    ``A ξ_i``), ``curvatures`` their measured C_i, ``(step, gradient_change)`` the secant pair
-    since the last step (in x; NaN before it). The R² with which Ĥ predicts the fresh C_i
-    (:func:`r_squared`) weights the step as in :func:`metric_step` (threshold
-    :data:`DGS_FIT_THRESHOLD`); Ĥ takes the secant update (:func:`secant_hessian`), then the
-    projection onto this step's curvatures (:func:`sketch_hessian`); A takes an
-    :func:`adapt_root` step. Everything is kept where ``ok`` is false."""
-    root_inverse, log_root = root_factors(root)
-    directions = _matmul(basis, root)
-    predicted = jnp.sum(_matmul(directions, hessian) * directions, axis=1)
-    r2 = r_squared(curvatures, predicted)
-    model = secant_hessian(hessian, root, root_inverse, step, gradient_change)
-    model = sketch_hessian(model, directions, _matmul(basis, root_inverse), curvatures)
-    new_fit = METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
-    trust = jnp.clip((new_fit - DGS_FIT_THRESHOLD) / (1.0 - DGS_FIT_THRESHOLD), 0.0, 1.0)
-    new_root = adapt_root(log_root, model, METRIC_RATE * trust, METRIC_RELAX * (1.0 - trust))
-    good = ok & jnp.all(jnp.isfinite(new_root)) & jnp.all(jnp.isfinite(model))
-    return (
-        jnp.where(good, new_root, root),
-        jnp.where(good, model, hessian),
-        jnp.where(ok, new_fit, fit),
+    ``basis`` holds this step's orthonormal rows ξ_i (the directions were ``v_i = A ξ_i``),
+    ``curvatures`` their measured ``C_i``, ``(step, gradient_change)`` the secant pair since
+    the last step (in x; NaN before it). Two models of the curvature are kept and scored by
+    the running R² (decay :data:`METRIC_FIT_DECAY`) with which each predicted the fresh
+    ``C_i`` (:func:`r_squared`):
+
+    - the Hessian model Ĥ, updated by :func:`secant_hessian` then :func:`sketch_hessian`
+      (it learns any H, rotated or not, in about d/2 steps);
+    - the diagonal fit h of this step's curvatures alone (:func:`coordinate_curvature` of
+      the rows v_i; exact in one step where H is diagonal in the coordinates).
+
+    A takes an :func:`adapt_root` step towards the better-scoring model (Ĥ or diag(h)) with
+    the trust of :func:`metric_step` on its score (threshold :data:`DGS_FIT_THRESHOLD`).
+    Everything is kept where ``ok`` is false; each model where its update is not finite.
+    """
+    root_inverse, log_root = root_factors(metric.root)
+    directions = _matmul(basis, metric.root)  # rows A ξ_i (A is symmetric)
+    predicted = jnp.sum(_matmul(directions, metric.hessian) * directions, axis=1)
+    hessian_r2 = r_squared(curvatures, predicted)
+    diagonal_r2 = diagonal_fit(directions, curvatures, metric.diagonal)
+    hessian = secant_hessian(metric.hessian, metric.root, root_inverse, step, gradient_change)
+    hessian = sketch_hessian(hessian, directions, _matmul(basis, root_inverse), curvatures)
+    diagonal = coordinate_curvature(directions, curvatures)
+    hessian_ok = jnp.all(jnp.isfinite(hessian))
+    diagonal_ok = jnp.all(jnp.isfinite(diagonal))
+    hessian_fit = METRIC_FIT_DECAY * metric.hessian_fit + (1 - METRIC_FIT_DECAY) * hessian_r2
+    diagonal_fit_ = METRIC_FIT_DECAY * metric.diagonal_fit + (1 - METRIC_FIT_DECAY) * diagonal_r2
+    use_diagonal = diagonal_ok & (diagonal_fit_ > hessian_fit)
+    score = jnp.where(use_diagonal, diagonal_fit_, hessian_fit)
+    target = jnp.where(use_diagonal, jnp.diag(jnp.where(diagonal_ok, diagonal, 0.0)), hessian)
+    trust = jnp.clip((score - DGS_FIT_THRESHOLD) / (1.0 - DGS_FIT_THRESHOLD), 0.0, 1.0)
+    root = adapt_root(log_root, target, METRIC_RATE * trust, METRIC_RELAX * (1.0 - trust))
+    root_ok = ok & jnp.all(jnp.isfinite(root))
+    return FullMetric(
+        root=jnp.where(root_ok, root, metric.root),
+        hessian=jnp.where(ok & hessian_ok, hessian, metric.hessian),
+        hessian_fit=jnp.where(ok, hessian_fit, metric.hessian_fit),
+        diagonal=jnp.where(ok & diagonal_ok, diagonal, metric.diagonal),
+        diagonal_fit=jnp.where(ok, diagonal_fit_, metric.diagonal_fit),
     )

@@ -374,8 +374,9 @@ METHODS: dict[str, Method] = {
             "agsopt.dgs_blackbox: directional Gauss–Hermite smoothing along all d "
             "directions (the last gradient first, M = 5 nodes; 3 on the others), curvature "
             "step, ASGF's radius rule on the main direction's ratio |D_1|/L_1 and restarts, "
-            "s0 = box diagonal/(10√2), the learned per-coordinate metric "
-            "Σ = s² diag(a)², a → h^(-1/2) (anisotropic=True)",
+            "s0 = box diagonal/(10√2), the learned metric (anisotropic=True, metric='auto'): "
+            "for d ≤ 128 Σ = s² A², A → Ĥ^(-1/2) from the better of a Hessian model (sketch "
+            "and secant updates) and a diagonal fit; above, Σ = s² diag(a)², a → h^(-1/2)",
             library=True,
             factory=dgs_preset(),
         ),
@@ -388,11 +389,11 @@ METHODS: dict[str, Method] = {
             factory=dgs_preset(lateral_nodes=None, radius_ratio="all"),
         ),
         Method(
-            "dgs-full",
-            "dgs with the full metric Σ = s² A², A → Ĥ^(-1/2) from a Hessian model updated by "
-            "the measured curvatures and the secant pair (metric='full'; rotation invariant)",
+            "dgs-diagonal",
+            "dgs with the diagonal metric Σ = s² diag(a)² at every d (metric='diagonal'; the "
+            "recipe's metric until 2026-12-06)",
             library=True,
-            factory=dgs_preset(metric="full"),
+            factory=dgs_preset(metric="diagonal"),
         ),
         Method(
             "dgs-isotropic",
