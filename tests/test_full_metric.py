@@ -230,9 +230,12 @@ def test_full_metric_state_and_argument_checks():
         diagonal.update(x, state, x, value_fn=f)
     with pytest.raises(ValueError, match="metric"):
         full.update(x, diagonal.init(x), x, value_fn=f)
-    for metric in ("full", "auto"):
-        with pytest.raises(ValueError, match="anisotropic=True"):
-            agsopt.dgs(0.5, metric=metric)
+    with pytest.raises(ValueError, match="anisotropic=True"):
+        agsopt.dgs(0.5, metric="full")
+    # one radius: "auto" (the recipe's default) and "diagonal" keep no metric
+    isotropic = agsopt.dgs_blackbox(-1.0, 1.0, anisotropic=False).init(x)
+    np.testing.assert_array_equal(isotropic.scales, np.ones(3))
+    assert isotropic.hessian.shape == (0, 0)
     with pytest.raises(ValueError, match="metric"):
         agsopt.dgs(0.5, anisotropic=True, metric="dense")
     with pytest.raises(ValueError, match='metric="diagonal"'):

@@ -19,13 +19,16 @@ diagonal Hessian (:func:`~agsopt.smoothing.adaptation.coordinate_curvature`), a 
 fit predicts this step's curvatures (:func:`~agsopt.smoothing.adaptation.diagonal_fit`), and
 relaxes back towards 1 where it does not (ripples, a rotated Hessian). The step is taken in
 y: ``Δx = −lr·a ⊙ ∇_y`` (a diagonal preconditioner). With ``metric="full"`` the metric is
-``Σ = s² A²``, A a symmetric d × d matrix (x = A y): a Hessian model Ĥ is updated each step
-by projection onto the measured curvatures and the secant pair of consecutive gradients
-(:func:`~agsopt.smoothing.adaptation.adapt_full_metric`), A moves towards ``Ĥ^{-1/2}`` under
-the same trust rule, and nothing depends on the coordinate axes (rotation invariant, as
-CMA-ES). Measured on the black-box protocol (README, "Black-box benchmark"): far fewer
-evaluations on ill-conditioned functions (the full metric on rotated ones as well), within
-a few per cent elsewhere.
+``Σ = s² A²``, A a symmetric d × d matrix (x = A y, the step ``−lr·A∇_y``): a Hessian model Ĥ
+is updated each step by projection onto the measured curvatures and onto the secant pair of
+consecutive smoothed gradients, the diagonal fit is kept beside it, and A moves towards the
+inverse square root of whichever predicted this step's curvatures better, under the same
+trust rule (:func:`~agsopt.smoothing.adaptation.adapt_full_metric`): the diagonal fit learns
+ill-conditioning along the coordinates in a step or two, the Hessian model a rotated one
+(the shape CMA-ES learns) in about d/2 steps. ``metric="auto"`` (:func:`dgs_blackbox`'s) is
+"full" up to d = 128. Measured on the black-box protocol (README, "Black-box benchmark"):
+far fewer evaluations on ill-conditioned functions, rotated or not, within a few per cent
+elsewhere.
 """
 
 from __future__ import annotations
@@ -235,7 +238,8 @@ def dgs(
         d ≤ 1024, memory O(d²), three d × d eigendecompositions and the diagonal fit a
         step: a Hessian model that learns any H in about d/2 steps, competing with the
         diagonal fit, see :func:`~agsopt.smoothing.adaptation.adapt_full_metric`) or "auto"
-        ("full" for d ≤ 128, "diagonal" above; :func:`dgs_blackbox`'s).
+        ("full" for d ≤ 128, "diagonal" above; :func:`dgs_blackbox`'s). Without
+        ``anisotropic`` "full" is an error, "diagonal" and "auto" mean one radius.
       step: "curvature", "lipschitz" or "gradient" (above).
       radius_ratio: "all" (ASGF: the radius shrinks when every direction's ``|D_i|/L_i``
         is below the lower threshold) or "main" (when the main direction's is).
@@ -262,9 +266,9 @@ def dgs(
     radius_ratio = validation.check_choice("radius_ratio", radius_ratio, RADIUS_RATIOS)
     anisotropic = validation.check_bool("anisotropic", anisotropic)
     metric = validation.check_choice("metric", metric, METRICS)
-    if metric != "diagonal" and not anisotropic:
+    if metric == "full" and not anisotropic:
         raise ValueError(
-            f"metric={metric!r} is the form of the learned metric: it needs anisotropic=True"
+            "metric='full' is the form of the learned metric: it needs anisotropic=True"
         )
     step = validation.check_choice("step", step, STEPS)
     if num_directions is not None:
