@@ -391,7 +391,7 @@ METHODS: dict[str, Method] = {
         Method(
             "dgs-diagonal",
             "dgs with the diagonal metric Σ = s² diag(a)² at every d (metric='diagonal'; the "
-            "recipe's metric until 2026-12-06)",
+            "recipe's metric until 2026-12-05)",
             library=True,
             factory=dgs_preset(metric="diagonal"),
         ),
