@@ -276,3 +276,23 @@ def test_full_metric_model_survives_nonfinite_values():
     for field in (*fields, "last_params", "last_gradient"):
         np.testing.assert_array_equal(getattr(after, field), getattr(state, field))
     assert int(after.num_skipped) == int(state.num_skipped) + 1
+
+
+def test_diagonal_fit_of_a_diagonal_root_is_the_diagonal_metrics_fit():
+    """For a diagonal A = diag(a) the full metric's diagonal fit (columns equilibrated by A's
+    row norms) is the diagonal metric's own fit in y = x / a, carried to x: h_y / a²."""
+    dim = 5
+    with jax.enable_x64(True):
+        logs = np.random.default_rng(12).normal(size=dim)
+        scales = jnp.asarray(np.exp(logs - logs.mean()))
+        basis = directional_basis(jax.random.key(1), dim, dim, dtype=jnp.float64)
+        curvatures = jnp.asarray(np.random.default_rng(13).uniform(0.5, 20.0, dim))
+        metric = adaptation.FullMetric(
+            jnp.diag(scales), jnp.zeros((dim, dim)), jnp.zeros(()), jnp.zeros(dim), jnp.zeros(())
+        )
+        nothing = jnp.full(dim, jnp.nan)
+        new = adaptation.adapt_full_metric(
+            metric, basis, curvatures, nothing, nothing, jnp.asarray(True)
+        )
+        expected = adaptation.coordinate_curvature(basis, curvatures) / scales**2
+        np.testing.assert_allclose(new.diagonal, expected, rtol=1e-9)

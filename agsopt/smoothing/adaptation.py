@@ -445,7 +445,8 @@ def adapt_full_metric(
     - the Hessian model Ĥ, updated by :func:`secant_hessian` then :func:`sketch_hessian`
       (it learns any H, rotated or not, in about d/2 steps);
     - the diagonal fit h of this step's curvatures alone (:func:`coordinate_curvature` of
-      the rows v_i; exact in one step where H is diagonal in the coordinates).
+      the rows v_i, their columns equilibrated by A's row norms: for a diagonal A the
+      diagonal metric's own fit; exact in one step where H is diagonal in the coordinates).
 
     A takes an :func:`adapt_root` step towards the better-scoring model (Ĥ or diag(h)) with
     the trust of :func:`metric_step` on its score (threshold :data:`DGS_FIT_THRESHOLD`).
@@ -458,7 +459,10 @@ def adapt_full_metric(
     diagonal_r2 = diagonal_fit(directions, curvatures, metric.diagonal)
     hessian = secant_hessian(metric.hessian, metric.root, root_inverse, step, gradient_change)
     hessian = sketch_hessian(hessian, directions, _matmul(basis, root_inverse), curvatures)
-    diagonal = coordinate_curvature(directions, curvatures)
+    # columns scaled by A's row norms (a_j for a diagonal A: then the diagonal metric's fit,
+    # in y); unscaled, W = v ⊙ v inherits A's spread and the ridge biases the fit
+    scale = jnp.sqrt(jnp.sum(metric.root * metric.root, axis=1))
+    diagonal = coordinate_curvature(directions / scale, curvatures) / scale**2
     hessian_ok = jnp.all(jnp.isfinite(hessian))
     diagonal_ok = jnp.all(jnp.isfinite(diagonal))
     hessian_fit = METRIC_FIT_DECAY * metric.hessian_fit + (1 - METRIC_FIT_DECAY) * hessian_r2
