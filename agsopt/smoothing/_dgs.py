@@ -618,11 +618,11 @@ def dgs_blackbox(
     the learned metric (``anisotropic=True, metric="auto"``: the full metric up to d = 128,
     the diagonal one above). Measured on the black-box protocol (README "Black-box
     benchmark", 16 test functions at d = 10): the 3-node lateral directions with the
-    main-direction ratio need 0.37–0.60× the evaluations of ASGF's 5 nodes and largest
-    ratio; the full metric 0.08–0.26× those of one radius on the ill-conditioned
-    ellipsoids, rotated or not, 0.25× on Rosenbrock, 0.96–1.02× elsewhere, and 1.29–1.38×
-    those of the diagonal metric on the axis-aligned ellipsoids (0.12–0.56× on the rotated
-    ones and Rosenbrock).
+    main-direction ratio need 0.36–0.60× the evaluations of ASGF's 5 nodes and largest
+    ratio; the full metric 0.06–0.26× those of one radius on the ill-conditioned
+    ellipsoids, rotated or not, 0.25× on Rosenbrock, 0.96–1.01× elsewhere, and 0.12–0.56×
+    those of the diagonal metric on the rotated ellipsoids and Rosenbrock, 0.95–1.02×
+    elsewhere.
 
     Like :func:`dgs`'s default, its update is the step itself: apply it with
     ``optax.apply_updates``, do not chain an optimizer after it (that negates it).
