@@ -187,7 +187,7 @@ def test_metric_step_trusts_the_fit_above_its_threshold(threshold):
 def test_anisotropic_metric_learns_the_inverse_curvature_of_an_ellipsoid():
     """On Σ_j 10^j x_j² the fit is perfect (R² → 1) and a → h^(-1/2) up to a constant
     (geometric mean 1, clipped to [1/10, 10]): a_j ∝ 10^(−j/2)."""
-    tx = agsopt.dgs(1.0, anisotropic=True, tolerance=0.0, key=6)
+    tx = agsopt.dgs(1.0, anisotropic=True, metric="diagonal", tolerance=0.0, key=6)
     _, state, _ = _run(tx, ellipsoid, jnp.full(DIM, 2.0), 30)
     target = ELLIPSOID_CURVATURE**-0.5
     target = target / np.exp(np.mean(np.log(target)))
@@ -205,7 +205,7 @@ def test_anisotropic_metric_stays_isotropic_on_ripples():
     def rough(x):
         return jnp.sum(jnp.cos(9.0 * x) + 0.01 * x**2)
 
-    tx = agsopt.dgs(0.5, anisotropic=True, key=6)
+    tx = agsopt.dgs(0.5, anisotropic=True, metric="diagonal", key=6)
     _, state, _ = _run(tx, rough, jnp.asarray([0.3, -0.2, 0.1, 0.4]), 20)
     assert float(state.metric_fit) < 0.5
     assert float(jnp.max(jnp.abs(jnp.log(state.scales)))) < math.log(1.5)
@@ -214,7 +214,7 @@ def test_anisotropic_metric_stays_isotropic_on_ripples():
 def test_anisotropic_step_is_preconditioned_and_gradient_form_is_the_x_gradient():
     """In y = x / a the step is −lr·a ⊙ ∇_y; ``step="gradient"`` returns ∇_y / a = ∇_x,
     exact for a quadratic."""
-    tx = agsopt.dgs(0.7, anisotropic=True, step="gradient", key=3)
+    tx = agsopt.dgs(0.7, anisotropic=True, metric="diagonal", step="gradient", key=3)
     x = jnp.asarray([1.0, -2.0, 0.5, 3.0])
     state = tx.init(x)._replace(scales=jnp.asarray([2.0, 1.0, 0.5, 1.0]))
     updates, _ = _step(tx, state, x, quadratic)

@@ -214,7 +214,7 @@ def test_full_metric_learns_a_rotated_hessian():
 def test_full_metric_state_and_argument_checks():
     x = jnp.zeros(3)
     full = agsopt.dgs(0.5, anisotropic=True, metric="full")
-    diagonal = agsopt.dgs(0.5, anisotropic=True)
+    diagonal = agsopt.dgs(0.5, anisotropic=True, metric="diagonal")
     state = full.init(x)
     assert state.scales.shape == (3, 3) and state.hessian.shape == (3, 3)
     assert state.coordinate_curvature.shape == (3,)

@@ -214,12 +214,13 @@ _ENTRIES = (
         static_args=_DGS_STATIC,
     ),
     Entry(
-        "dgs gradient anisotropic block chunked",
+        "dgs gradient diagonal metric block chunked",
         agsopt.dgs,
         {
             "radius": 0.3,
             "step": "gradient",
             "anisotropic": True,
+            "metric": "diagonal",
             "num_directions": 2,
             "chunk_size": 1,
             "key": 15,

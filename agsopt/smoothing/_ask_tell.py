@@ -272,7 +272,7 @@ def dgs_ask_tell(radius: Any, **dgs_kwargs: Any) -> AskTell:
     lateral_nodes = dgs_kwargs.get("lateral_nodes")
     key_data, key_impl = key_for_state(dgs_kwargs.get("key", 0))
     anisotropic = bool(dgs_kwargs.get("anisotropic", False))
-    metric = dgs_kwargs.get("metric", "diagonal")
+    metric = dgs_kwargs.get("metric", inspect.signature(dgs).parameters["metric"].default)
 
     def own_state(state: Any) -> DGSState:
         if not isinstance(state, DGSState):

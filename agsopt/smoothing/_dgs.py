@@ -169,7 +169,7 @@ def dgs(
     num_nodes: int = 5,
     lateral_nodes: int | None = None,
     anisotropic: bool = False,
-    metric: str = "diagonal",
+    metric: str = "auto",
     step: str = "curvature",
     radius_ratio: str = "all",
     min_radius: float | None = None,
@@ -239,8 +239,8 @@ def dgs(
         d ≤ 1024, memory O(d²), three d × d eigendecompositions and the diagonal fit a
         step: a Hessian model that learns any H in about d/2 steps, competing with the
         diagonal fit, see :func:`~agsopt.smoothing.adaptation.adapt_full_metric`) or "auto"
-        ("full" for d ≤ 128, "diagonal" above; :func:`dgs_blackbox`'s). Without
-        ``anisotropic`` "full" is an error, "diagonal" and "auto" mean one radius.
+        (the default: "full" for d ≤ 128, "diagonal" above). Without ``anisotropic``
+        "full" is an error, "diagonal" and "auto" mean one radius.
       step: "curvature", "lipschitz" or "gradient" (above).
       radius_ratio: "all" (ASGF: the radius shrinks when every direction's ``|D_i|/L_i``
         is below the lower threshold) or "main" (when the main direction's is).

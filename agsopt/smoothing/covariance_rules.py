@@ -405,7 +405,8 @@ def curvature_metric() -> CovarianceRule:
     ``h^{-1/2}`` (``Σ ∝ H⁻¹``; geometric mean 1, within [1/10, 10]) at a rate set by the
     running R² with which the last measured curvature, ``h_x·a²``, predicts this one
     (:func:`~agsopt.smoothing.adaptation.r_squared`), and relaxes a towards 1 where it does
-    not. The same pieces as ``dgs(anisotropic=True)``, whose directional quadrature measures
+    not. The same pieces as ``dgs(anisotropic=True, metric="diagonal")``, whose directional
+    quadrature measures
     each direction's curvature exactly; the Monte Carlo statistic carries the sampling
     noise of every coordinate (``≈ sqrt(Σ_j c_j² / N)`` per coordinate, see
     :func:`curvature_diagonal`), so here the gate stays low, and a near 1, unless N is large
