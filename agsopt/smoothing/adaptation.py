@@ -46,11 +46,13 @@ __all__ = [
     "average_lipschitz",
     "coordinate_curvature",
     "curvature_learning_rate",
+    "fit_trust",
     "diagonal_fit",
     "initial_thresholds",
     "lipschitz_learning_rate",
     "metric_step",
     "r_squared",
+    "running_fit",
     "root_factors",
     "secant_hessian",
     "sketch_hessian",
@@ -246,6 +248,18 @@ fit is not followed at all (measured on the black-box suite: a rotated ellipsoid
 fits cost 1.2× the calls of one radius without it)."""
 
 
+def running_fit(fit: jax.Array, r2: jax.Array) -> jax.Array:
+    """The running R² of a curvature model: ``decay·fit + (1 − decay)·R²`` (decay
+    :data:`METRIC_FIT_DECAY`)."""
+    return METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
+
+
+def fit_trust(fit: jax.Array, threshold: float) -> jax.Array:
+    """How far a model with running R² ``fit`` is followed: ``clip((fit − t) / (1 − t), 0, 1)``
+    (t = ``threshold``; 0 at or below it, 1 at a perfect fit)."""
+    return jnp.clip((fit - threshold) / (1.0 - threshold), 0.0, 1.0)
+
+
 def metric_step(
     scales: jax.Array,
     curvature: jax.Array,
@@ -264,8 +278,8 @@ def metric_step(
     model that predicts fresh measurements is followed, one that does not (ripples, a
     rotated Hessian, sampling noise) is forgotten. Everything is kept where ``ok`` is false
     or h_y is not finite."""
-    new_fit = METRIC_FIT_DECAY * fit + (1.0 - METRIC_FIT_DECAY) * r2
-    trust = jnp.clip((new_fit - threshold) / (1.0 - threshold), 0.0, 1.0)
+    new_fit = running_fit(fit, r2)
+    trust = fit_trust(new_fit, threshold)
     new_scales = adapt_scales(scales, h_y, METRIC_RATE * trust, METRIC_RELAX * (1.0 - trust))
     good = ok & jnp.all(jnp.isfinite(h_y))
     return (
@@ -465,12 +479,12 @@ def adapt_full_metric(
     diagonal = coordinate_curvature(directions / scale, curvatures) / scale**2
     hessian_ok = jnp.all(jnp.isfinite(hessian))
     diagonal_ok = jnp.all(jnp.isfinite(diagonal))
-    hessian_fit = METRIC_FIT_DECAY * metric.hessian_fit + (1 - METRIC_FIT_DECAY) * hessian_r2
-    diagonal_fit_ = METRIC_FIT_DECAY * metric.diagonal_fit + (1 - METRIC_FIT_DECAY) * diagonal_r2
+    hessian_fit = running_fit(metric.hessian_fit, hessian_r2)
+    diagonal_fit_ = running_fit(metric.diagonal_fit, diagonal_r2)
     use_diagonal = diagonal_ok & (diagonal_fit_ > hessian_fit)
     score = jnp.where(use_diagonal, diagonal_fit_, hessian_fit)
     target = jnp.where(use_diagonal, jnp.diag(jnp.where(diagonal_ok, diagonal, 0.0)), hessian)
-    trust = jnp.clip((score - DGS_FIT_THRESHOLD) / (1.0 - DGS_FIT_THRESHOLD), 0.0, 1.0)
+    trust = fit_trust(score, DGS_FIT_THRESHOLD)
     root = adapt_root(log_root, target, METRIC_RATE * trust, METRIC_RELAX * (1.0 - trust))
     root_ok = ok & jnp.all(jnp.isfinite(root))
     return FullMetric(
