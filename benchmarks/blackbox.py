@@ -259,6 +259,19 @@ def _comparison(
     return rows, ratios
 
 
+def _never_above(
+    description: str, ratios: list[tuple[float | None, bool]], limit: float
+) -> dict[str, Any]:
+    """The target "``description``": every ratio ≤ ``limit`` and no lower success rate (the
+    ratios and flags of :func:`_comparison`)."""
+    worst = max((r for r, _ in ratios if r is not None), default=None)
+    return common.target(
+        description,
+        worst is not None and worst <= limit and not any(worse for _, worse in ratios),
+        f"largest ratio {worst if worst is None else round(worst, 2)}",
+    )
+
+
 def anisotropy_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     """Anisotropic over isotropic mean evaluations per function, and issue 17's targets:
     ≤ 0.8× on at least two functions, never > 1.25× (a lower success rate counts as a loss);
@@ -267,18 +280,13 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[di
     labels = ("anisotropic", "one radius")
     rows, ratios = _comparison(records, "dgs", "dgs-isotropic", labels)
     wins = sum(1 for r, worse in ratios if r is not None and r <= 0.8 and not worse)
-    worst = max((r for r, _ in ratios if r is not None), default=None)
     targets = [
         common.target(
             "anisotropic ≤ 0.8× the one-radius preset's evaluations on at least two functions",
             wins >= 2,
             f"{wins} function(s) at ≤ 0.8×",
         ),
-        common.target(
-            "anisotropic never > 1.25× (nor a lower success rate)",
-            worst is not None and worst <= 1.25 and not any(worse for _, worse in ratios),
-            f"largest ratio {worst if worst is None else round(worst, 2)}",
-        ),
+        _never_above("anisotropic never > 1.25× (nor a lower success rate)", ratios, 1.25),
     ]
     tables = [
         common.make_table(
@@ -295,13 +303,12 @@ def anisotropy_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[di
     labels = ("dgs", "ASGF's nodes and rule")
     rows, ratios = _comparison(records, "dgs", "dgs-asgf", labels)
     if rows:
-        worst = max((r for r, _ in ratios if r is not None), default=None)
         targets.append(
-            common.target(
+            _never_above(
                 "the recipe's quadrature and radius rule never > 1.0× dgs-asgf's evaluations "
                 "(nor a lower success rate)",
-                worst is not None and worst <= 1.0 and not any(worse for _, worse in ratios),
-                f"largest ratio {worst if worst is None else round(worst, 2)}",
+                ratios,
+                1.0,
             )
         )
         tables.append(
@@ -341,7 +348,6 @@ def _metric_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]
     rotated_ok = len(rotated) == len(ROTATED_ILL_CONDITIONED) and all(
         ratio is not None and ratio <= 0.8 for ratio, _ in rotated
     )
-    worst = max((r for r, _ in ratios if r is not None), default=None)
     targets = [
         common.target(
             "the recipe's metric ≤ 0.8× the one-radius preset on the rotated ill-conditioned "
@@ -349,11 +355,11 @@ def _metric_table(records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]
             rotated_ok,
             ", ".join(f"{name} {ratio}" for ratio, name in rotated),
         ),
-        common.target(
+        _never_above(
             "the recipe's (full) metric never > 1.25× the diagonal metric's evaluations (nor "
             "a lower success rate)",
-            worst is not None and worst <= 1.25 and not any(worse for _, worse in ratios),
-            f"largest ratio {worst if worst is None else round(worst, 2)}",
+            ratios,
+            1.25,
         ),
     ]
     columns = ["function", "one radius", "diagonal metric", "full metric (dgs)"]

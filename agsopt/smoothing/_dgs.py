@@ -391,8 +391,8 @@ def dgs(
             )
         x_flat = _flatten(params).astype(dtype)
         if full:
-            root_inverse = adaptation.root_factors(state.scales)[0]
-            grad_x = apply_root(root_inverse, grad_flat)
+            factors = adaptation.root_factors(state.scales)  # (A⁻¹, log A), one eigh
+            grad_x = apply_root(factors[0], grad_flat)
         else:
             grad_x = grad_flat / state.scales
         if step == "gradient":
@@ -417,6 +417,7 @@ def dgs(
                 x_flat - state.last_params,
                 grad_x - state.last_gradient,
                 ok,
+                factors,
             )
         elif anisotropic:
             scales, curvature, fit = adaptation.adapt_metric(

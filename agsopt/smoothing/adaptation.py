@@ -447,6 +447,7 @@ def adapt_full_metric(
     step: jax.Array,
     gradient_change: jax.Array,
     ok: jax.Array,
+    factors: tuple[jax.Array, jax.Array] | None = None,
 ) -> FullMetric:
     """One step of :func:`agsopt.dgs`'s full metric ``Σ = s² A²``.
 
@@ -465,8 +466,9 @@ def adapt_full_metric(
     A takes an :func:`adapt_root` step towards the better-scoring model (Ĥ or diag(h)) with
     the trust of :func:`metric_step` on its score (threshold :data:`DGS_FIT_THRESHOLD`).
     Everything is kept where ``ok`` is false; each model where its update is not finite.
+    ``factors``: :func:`root_factors` of A where the caller has them (else computed here).
     """
-    root_inverse, log_root = root_factors(metric.root)
+    root_inverse, log_root = root_factors(metric.root) if factors is None else factors
     directions = _matmul(basis, metric.root)  # rows A ξ_i (A is symmetric)
     predicted = jnp.sum(_matmul(directions, metric.hessian) * directions, axis=1)
     hessian_r2 = r_squared(curvatures, predicted)
